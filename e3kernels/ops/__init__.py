@@ -1,0 +1,1 @@
+"""Triton kernels with their launchers and autograd.Functions, one op per file."""
