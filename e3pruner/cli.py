@@ -1,4 +1,4 @@
-"""`e3pruner` command line: info, eval-ppl (prune, compare, bench-decode come with their issues)."""
+"""`e3pruner` command line: prune, info, eval-ppl."""
 
 from __future__ import annotations
 
@@ -65,9 +65,70 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def _tokens(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 65536 or 5e8)") from err
+    if value < 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"token counts are non-negative integers, got {text}")
+    return int(value)
+
+
+def cmd_prune(args) -> int:
+    from e3pruner.pipeline import PruneArgs, run_prune
+
+    fields = PruneArgs.__dataclass_fields__
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    run_prune(PruneArgs(**kwargs))
+    return 0
+
+
+def _add_prune_parser(sub) -> None:
+    from e3pruner.pipeline import PruneArgs
+
+    d = PruneArgs()
+    p = sub.add_parser("prune", help="E3 mask search + entropy-aware KD recovery + export",
+                       description="Prune decoder layers with E3-Pruner. With no arguments: the "
+                       "bundled SmolLM2-135M, 25%% of its layers, the bundled data.")
+    _add_model_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ratio", type=float, default=None, help="fraction of layers to remove (default 0.25)")
+    g.add_argument("--prune-layers", type=int, default=None, help="number of layers to remove")
+    p.add_argument("--data", default=d.data, help="training/calibration text: 'bundled', a file, hf:NAME")
+    p.add_argument("--heldout", default=d.heldout, help="held-out perplexity text (default: bundled LAMBADA)")
+    p.add_argument("--search-tokens", type=_tokens, default=d.search_tokens)
+    p.add_argument("--recovery-tokens", type=_tokens, default=d.recovery_tokens,
+                   help="0 skips recovery")
+    p.add_argument("--tokens", type=_tokens, default=None, dest="total_tokens",
+                   help="total budget: 20%% to the search, 80%% to recovery (overrides both)")
+    p.add_argument("--block-len", type=int, default=d.block_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--calib-blocks", type=int, default=d.calib_blocks)
+    p.add_argument("--lr", type=float, default=d.lr, help="recovery peak learning rate")
+    p.add_argument("--search-lr", type=float, default=d.search_lr)
+    p.add_argument("--scope", default=d.scope, choices=["full", "endpoints", "lora"])
+    p.add_argument("--teacher", default=d.teacher, choices=["live", "cache"])
+    p.add_argument("--weighting", default=d.weighting)
+    p.add_argument("--per-sample", action="store_true", help="one mask per sample in the search")
+    p.add_argument("--eval-tokens", type=_tokens, default=d.eval_tokens)
+    p.add_argument("--eval-ctx", type=int, default=d.eval_ctx)
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the ShortGPT sanity comparison")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e3pruner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune_parser(sub)
 
     p = sub.add_parser("info", help="supported families; a model's layers, params, vocab")
     p.add_argument("--model", default=None, help="also describe this model")
@@ -94,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "max_tokens", None) == 0:
         args.max_tokens = None
+    if getattr(args, "total_tokens", None) is not None:
+        args.search_tokens = args.total_tokens // 5
+        args.recovery_tokens = args.total_tokens - args.search_tokens
     try:
         return args.func(args)
     except (ValueError, OSError) as err:

@@ -38,3 +38,45 @@ def tiny_model(family: str, *, seed: int = 0, **kw):
             if p.dim() == 2 and "embed" not in name:
                 p.mul_(8.0)
     return model.eval()
+
+
+def word_tokenizer(vocab: int = 211):
+    """Word-level fast tokenizer over the words w0..w{vocab-3} (+ <unk>, </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "</s>": 1}
+    words.update({f"w{i}": i + 2 for i in range(vocab - 2)})
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def markov_text(n_docs: int = 300, words_per_doc: int = 120, vocab: int = 211, seed: int = 0) -> str:
+    """Documents from a sparse random Markov chain (learnable structure, not noise)."""
+    g = torch.Generator().manual_seed(seed)
+    n = vocab - 2
+    nxt = torch.randint(0, n, (n, 3), generator=g)
+    docs = []
+    for _ in range(n_docs):
+        w = int(torch.randint(0, n, (1,), generator=g))
+        out = []
+        for _ in range(words_per_doc):
+            out.append(f"w{w}")
+            w = int(nxt[w, int(torch.randint(0, 3, (1,), generator=g))])
+        docs.append(" ".join(out))
+    return "\n\n".join(docs)
+
+
+def tiny_model_dir(root, family: str = "llama", **kw):
+    """A saved tiny model + tokenizer + train/held-out text files; returns (dir, train, heldout)."""
+    from pathlib import Path
+
+    root = Path(root)
+    model = tiny_model(family, **kw)
+    model.save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    (root / "train.txt").write_text(markov_text(300, seed=1))
+    (root / "heldout.txt").write_text(markov_text(40, seed=2))
+    return root / "model", root / "train.txt", root / "heldout.txt"

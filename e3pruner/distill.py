@@ -1,0 +1,300 @@
+"""Recovery after layer removal: entropy-aware KD from the frozen original model.
+
+The student is the physically pruned model; the teacher is the original (live, through
+`e3kernels.fused_linear_kd_loss` straight from both final hidden states and heads) or an
+offline top-K cache of the teacher's log-probs built with `e3kernels.teacher_topk`
+(sharded safetensors), consumed by `fused_linear_kd_loss_topk`.
+
+Trainable scope: "full" (every decoder layer and the final norm; embeddings/head too with
+train_embeddings=True), "endpoints" (the kept layers adjacent to each removed segment:
+cutoff endpoint tuning), "lora" (peft adapters on the decoder layers, merged at the end).
+Gradient accumulation: each micro-batch's loss is a token sum divided by the number of
+tokens in the whole optimizer step, so the update equals that of one big batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from e3pruner.export import remove_layers_inplace
+from e3pruner.hidden import final_hidden
+from e3pruner.methods.base import PruneData
+from e3pruner.methods.e3 import batch_at
+from e3pruner.models.families import decoder_layers, embed_tokens, lm_head
+from e3pruner.train import (
+    Checkpointer,
+    MetricsLog,
+    atomic_write_text,
+    cosine_lr,
+    rng_state,
+    set_rng_state,
+)
+
+SCOPES = ("full", "endpoints", "lora")
+
+
+@dataclass
+class RecoveryConfig:
+    tokens: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: float = 0.05  # fraction of steps
+    min_lr: float = 0.1  # fraction of lr at the end of the cosine
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    scope: str = "full"
+    train_embeddings: bool = False
+    weighting: str = "entropy"
+    temperature: float = 1.0
+    kl: str = "forward"
+    teacher: str = "live"  # "live" or "cache"
+    cache_topk: int = 64
+    lora_rank: int = 16
+
+    def validate(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.teacher not in ("live", "cache"):
+            raise ValueError(f"teacher must be 'live' or 'cache', got {self.teacher!r}")
+        if self.tokens < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("tokens >= 0, batch_size >= 1 and grad_accum >= 1 are required")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def make_student(model, keep: list[int]):
+    """A physically pruned copy of `model` (the original stays intact as the teacher)."""
+    from e3pruner.gates import remove_gates
+
+    student = copy.deepcopy(model)
+    remove_gates(student)
+    remove_layers_inplace(student, keep)
+    if getattr(student.config, "tie_word_embeddings", False):
+        student.tie_weights()
+    return student
+
+
+def endpoint_layers(keep: list[int], num_layers: int) -> list[int]:
+    """New indices of the kept layers adjacent to a removed segment (cut endpoints)."""
+    kept = sorted(keep)
+    out = set()
+    for new, old in enumerate(kept):
+        if old - 1 >= 0 and old - 1 not in kept:
+            out.add(new)  # right after a cut
+        if old + 1 < num_layers and old + 1 not in kept:
+            out.add(new)  # right before a cut
+    return sorted(out)
+
+
+def set_trainable(student, cfg: RecoveryConfig, keep: list[int], original_layers: int):
+    """Mark the trainable parameters for `cfg.scope`; returns (student, [params])."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    layers = decoder_layers(student)
+    if cfg.scope == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            raise ImportError("scope='lora' needs peft: `pip install peft`") from err
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        student = get_peft_model(student, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                     target_modules=targets, lora_dropout=0.0))
+        params = [p for p in student.parameters() if p.requires_grad]
+        return student, params
+    if cfg.scope == "endpoints":
+        chosen = endpoint_layers(keep, original_layers)
+        modules = [layers[i] for i in chosen]
+    else:
+        from e3pruner.models.families import final_norm
+
+        modules = list(layers) + [final_norm(student)]
+        if cfg.train_embeddings:
+            modules += [embed_tokens(student), lm_head(student)]
+    params = []
+    seen = set()
+    for mod in modules:
+        for p in mod.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                p.requires_grad_(True)
+                params.append(p)
+    return student, params
+
+
+# ---------------------------------------------------------------- offline teacher cache
+def build_teacher_cache(teacher, blocks: torch.Tensor, out_dir: str | Path, k: int = 64,
+                        batch_size: int = 4, shard_blocks: int = 256,
+                        progress: bool = True) -> Path:
+    """Top-k teacher token ids and log-probs for every block: shards of
+    {"ids": int32 [n, T, k], "logprobs": fp32 [n, T, k]} + index.json. Existing complete
+    shards are reused (resumable); each shard is written atomically."""
+    from e3kernels import teacher_topk
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weight = lm_head(teacher).weight
+    device = weight.device
+    n = blocks.shape[0]
+    shards = []
+    bar = tqdm(total=n, desc="teacher top-k cache", disable=not progress, leave=False)
+    for s0 in range(0, n, shard_blocks):
+        name = f"teacher-{s0:08d}.safetensors"
+        shards.append(name)
+        if (out / name).is_file():
+            bar.update(min(shard_blocks, n - s0))
+            continue
+        ids_all, lp_all = [], []
+        for i in range(s0, min(n, s0 + shard_blocks), batch_size):
+            ids = blocks[i:min(i + batch_size, s0 + shard_blocks, n)].to(device)
+            with torch.no_grad():
+                ht = final_hidden(teacher, ids)
+                top = teacher_topk(ht.reshape(-1, ht.shape[-1]), weight, k)
+            ids_all.append(top[0].reshape(ids.shape[0], ids.shape[1], k).to(torch.int32).cpu())
+            lp_all.append(top[1].reshape(ids.shape[0], ids.shape[1], k).float().cpu())
+            bar.update(ids.shape[0])
+        tmp = out / f".{name}.tmp"
+        save_file({"ids": torch.cat(ids_all), "logprobs": torch.cat(lp_all)}, str(tmp))
+        tmp.replace(out / name)
+    bar.close()
+    atomic_write_text(out / "index.json", json.dumps(
+        {"blocks": n, "block_len": int(blocks.shape[1]), "k": k, "shard_blocks": shard_blocks,
+         "shards": shards}))
+    return out
+
+
+class TeacherCache:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.index = json.loads((self.path / "index.json").read_text())
+        self._shard: tuple[int, dict] | None = None
+
+    def get(self, rows: list[int]):
+        ids, lps = [], []
+        per = self.index["shard_blocks"]
+        for r in rows:
+            s = r // per
+            if self._shard is None or self._shard[0] != s:
+                self._shard = (s, load_file(str(self.path / self.index["shards"][s])))
+            ids.append(self._shard[1]["ids"][r - s * per])
+            lps.append(self._shard[1]["logprobs"][r - s * per])
+        return torch.stack(ids).long(), torch.stack(lps)
+
+
+# ---------------------------------------------------------------- the recovery loop
+def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: list[int],
+            seed: int = 0, run_dir: str | None = None, resume: bool = False,
+            checkpoint_every: int = 50, progress: bool = True):
+    """Train `student` (in place) to match `teacher`. Returns (student, summary dict)."""
+    from e3kernels import fused_linear_kd_loss, fused_linear_kd_loss_topk
+
+    cfg.validate()
+    original_layers = len(decoder_layers(teacher))
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * data.blocks.block_len
+    steps = cfg.tokens // tokens_per_step
+    if steps == 0:
+        return student, {"steps": 0, "tokens": 0, "config": asdict(cfg)}
+    student, params = set_trainable(student, cfg, keep, original_layers)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    device = next(student.parameters()).device
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.95))
+    names = {id(p): n for n, p in student.named_parameters()}
+    warmup = max(1, int(cfg.warmup * steps))
+
+    cache = None
+    if cfg.teacher == "cache":
+        if run_dir is None:
+            raise ValueError("teacher='cache' needs a run directory to store the cache")
+        rows = [data.train_start + (i % ((len(data.blocks) - data.train_start) // cfg.batch_size))
+                * cfg.batch_size for i in range(steps * cfg.grad_accum)]
+        needed = sorted({int(data.blocks.order[r + j]) for r in rows for j in range(cfg.batch_size)})
+        path = build_teacher_cache(teacher, data.blocks.blocks[needed], f"{run_dir}/teacher_cache",
+                                   cfg.cache_topk, cfg.batch_size, progress=progress)
+        cache = TeacherCache(path)
+        cache_row = {b: i for i, b in enumerate(needed)}
+
+    ckpt = Checkpointer(f"{run_dir}/recovery_ckpt.pt" if run_dir else None, checkpoint_every)
+    log = MetricsLog(f"{run_dir}/metrics.jsonl" if run_dir else None, "recovery")
+    start = 0
+    state = ckpt.load() if resume else None
+    if state is not None:
+        by_name = dict(student.named_parameters())
+        with torch.no_grad():
+            for name, t in state["params"].items():
+                by_name[name].copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        set_rng_state(state["rng"])
+        log.truncate_after(start - 1)
+    else:
+        log.clear_phase()
+
+    ws = lm_head(student).weight
+    wt = lm_head(teacher).weight
+    bar = tqdm(total=steps, initial=start, desc="recovery (KD)", unit="step",
+               disable=not progress)
+    loss_val = float("nan")
+    import time
+
+    t_start = time.time()
+    for step in range(start, steps):
+        lr = cosine_lr(step, steps, cfg.lr, warmup, cfg.min_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = step * cfg.grad_accum + micro
+            ids = batch_at(data, idx, cfg.batch_size).to(device)
+            hs = final_hidden(student, ids)
+            hs2 = hs.reshape(-1, hs.shape[-1])
+            if cache is None:
+                with torch.no_grad():
+                    ht = final_hidden(teacher, ids)
+                out = fused_linear_kd_loss(hs2, ws, ht.reshape(-1, ht.shape[-1]), wt,
+                                           temperature=cfg.temperature, kl=cfg.kl,
+                                           weighting=cfg.weighting, reduction="sum")
+            else:
+                free = len(data.blocks) - data.train_start
+                start_row = data.train_start + (idx % (free // cfg.batch_size)) * cfg.batch_size
+                rows = [cache_row[int(data.blocks.order[start_row + j])]
+                        for j in range(cfg.batch_size)]
+                t_ids, t_lp = cache.get(rows)
+                out = fused_linear_kd_loss_topk(hs2, ws, t_ids.reshape(hs2.shape[0], -1).to(device),
+                                                t_lp.reshape(hs2.shape[0], -1).to(device),
+                                                temperature=cfg.temperature,
+                                                weighting=cfg.weighting, reduction="sum")
+            loss = out.loss / (cfg.grad_accum * ids.numel())
+            loss.backward()
+            total += loss.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        loss_val = total
+        done = (step + 1) * tokens_per_step
+        elapsed = max(1e-9, time.time() - t_start)
+        rec = {"step": step, "tokens": done, "loss": total, "lr": lr, "grad_norm": float(gnorm)}
+        log.write(rec)
+        bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.1e}",
+                        tok_s=f"{(step + 1 - start) * tokens_per_step / elapsed:.0f}")
+        bar.update(1)
+        if ckpt.due(step + 1, last=step + 1 == steps):
+            ckpt.save({"step": step + 1, "optimizer": opt.state_dict(), "rng": rng_state(),
+                       "params": {names[id(p)]: p.detach().cpu() for p in params}})
+    bar.close()
+    if cfg.scope == "lora":
+        student = student.merge_and_unload()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    student.eval()
+    return student, {"steps": steps, "tokens": steps * tokens_per_step, "final_loss": loss_val,
+                     "trainable_params": sum(p.numel() for p in params), "config": asdict(cfg)}

@@ -1,0 +1,97 @@
+"""The interface every layer-selection method implements, and the registry.
+
+    select(model, data, n_prune, budget) -> Selection
+
+`model` is a supported causal LM (weights are not modified), `data` a PruneData (a
+calibration batch plus the token blocks to search/train on), `n_prune` the number of
+layers to remove, `budget` the token budget and seeds. Methods register a name with
+`@register("name")`; `get_method(name)` returns the callable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from e3pruner.data import TokenBlocks
+
+
+@dataclass
+class PruneData:
+    """calib: [n_calib, T] token blocks for importance scores and calibration losses.
+    blocks: the training stream; blocks [train_start, len) are free for search/recovery."""
+
+    calib: torch.Tensor
+    blocks: TokenBlocks | None = None
+    train_start: int = 0
+
+
+@dataclass
+class Budget:
+    search_tokens: int = 0
+    batch_size: int = 4
+    seed: int = 0
+    progress: bool = True
+    run_dir: str | None = None  # where a method may checkpoint and log
+    resume: bool = False
+    checkpoint_every: int = 50
+
+
+@dataclass
+class Selection:
+    keep: list[int]
+    num_layers: int
+    scores: list[float] | None = None  # per-layer importance, higher = more important
+    info: dict = field(default_factory=dict)
+    tokens: int = 0  # tokens processed by the selection itself
+
+    @property
+    def removed(self) -> list[int]:
+        kept = set(self.keep)
+        return [i for i in range(self.num_layers) if i not in kept]
+
+    def mask(self, device=None) -> torch.Tensor:
+        m = torch.zeros(self.num_layers, device=device)
+        m[self.keep] = 1.0
+        return m
+
+
+_METHODS: dict[str, Callable[..., Selection]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        _METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Callable[..., Selection]:
+    from e3pruner import methods  # noqa: F401  (imports every method module)
+
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    from e3pruner import methods  # noqa: F401
+
+    return sorted(_METHODS)
+
+
+def check_n_prune(n_prune: int, num_layers: int) -> None:
+    if not isinstance(n_prune, int) or not 1 <= n_prune < num_layers:
+        raise ValueError(f"n_prune must be an integer in [1, {num_layers - 1}] for a model "
+                         f"with {num_layers} layers, got {n_prune!r}")
+
+
+def keep_lowest_removed(scores: torch.Tensor, n_prune: int) -> list[int]:
+    """Keep all but the n_prune layers with the lowest score (ties: higher index removed
+    first is arbitrary but fixed: stable sort on (score, -index))."""
+    order = sorted(range(scores.numel()), key=lambda i: (float(scores[i]), -i))
+    removed = set(order[:n_prune])
+    return [i for i in range(scores.numel()) if i not in removed]

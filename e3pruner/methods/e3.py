@@ -1,0 +1,218 @@
+"""E3-Pruner: differentiable layer-mask search with Gumbel-TopK and entropy-aware KD.
+
+1. init   alpha_l from the KL shift of the output distribution when layer l alone is
+          skipped (calibration batch): alpha = init_scale * standardize(log KL_l).
+2. search weights frozen; each step draws a hard keep-k mask m ~ Gumbel-TopK(alpha, tau)
+          (straight-through gradient to alpha), runs the gated student and the all-on
+          teacher of the same weights (sharing the forward up to the first gated-off
+          layer), and minimizes the entropy-weighted KD loss with Adam on alpha.
+          tau anneals exponentially tau_start -> tau_end; a curriculum raises the number
+          of pruned layers linearly from 1 to n over the first `curriculum` fraction.
+3. final  keep = top-k(alpha), k = L - n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from e3pruner.gates import gated
+from e3pruner.hidden import (
+    final_hidden,
+    replace_layer_input,
+    student_and_teacher_hidden,
+)
+from e3pruner.methods.base import Budget, PruneData, Selection, check_n_prune, register
+from e3pruner.models.families import decoder_layers, final_norm, lm_head
+from e3pruner.train import Checkpointer, MetricsLog, exp_anneal, rng_state, set_rng_state
+
+
+@dataclass
+class E3Config:
+    lr: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.2
+    curriculum: float = 0.5
+    init: str = "kl"  # "kl" or "zeros"
+    init_scale: float = 1.0
+    per_sample: bool = False
+    weighting: str = "entropy"
+    temperature: float = 1.0
+    mc_samples: int = 2048  # Monte-Carlo draws to log per-layer keep probabilities
+
+
+def _kd(hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor, **kw):
+    from e3kernels import fused_linear_kd_loss
+
+    return fused_linear_kd_loss(hs.reshape(-1, hs.shape[-1]), weight,
+                                ht.reshape(-1, ht.shape[-1]), weight, **kw)
+
+
+@torch.no_grad()
+def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool = True):
+    """[L] mean per-token KL(teacher || model without layer l), one layer at a time.
+
+    One teacher pass records every layer's input; skipping layer l then only runs layers
+    l+1..L-1 from the recorded input of l (half the teacher cost on average).
+    """
+    layers = decoder_layers(model)
+    n = len(layers)
+    device = next(model.parameters()).device
+    weight = lm_head(model).weight
+    kl_sum = torch.zeros(n, dtype=torch.float64)
+    count = 0
+    bar = tqdm(total=n * ((calib.shape[0] + batch_size - 1) // batch_size),
+               desc="init: skip-one KL", disable=not progress, leave=False)
+    for i in range(0, calib.shape[0], batch_size):
+        ids = calib[i:i + batch_size].to(device)
+        inputs: dict[int, torch.Tensor] = {}
+        handles = [layer.register_forward_pre_hook(
+            lambda _m, a, k, idx=idx: inputs.__setitem__(idx, (a[0] if a else k["hidden_states"])),
+            with_kwargs=True) for idx, layer in enumerate(layers)]
+        try:
+            with gated(model, None):
+                ht = final_hidden(model, ids)
+        finally:
+            for h in handles:
+                h.remove()
+        for idx in range(n):
+            if idx == n - 1:
+                hs = final_norm(model)(inputs[idx])
+            else:
+                mask = torch.ones(n, device=device)
+                mask[: idx + 1] = 0
+                with gated(model, mask), replace_layer_input(model, idx + 1, inputs[idx]):
+                    hs = final_hidden(model, ids)
+            out = _kd(hs, ht, weight, weighting="none", reduction="none")
+            kl_sum[idx] += out.kl.double().sum().cpu()
+            bar.update(1)
+        count += ids.numel()
+    bar.close()
+    return (kl_sum / count).float()
+
+
+def init_logits(kl: torch.Tensor, scale: float) -> torch.Tensor:
+    s = torch.log(kl.clamp_min(1e-8))
+    std = s.std() if s.numel() > 1 else torch.tensor(1.0)
+    return scale * (s - s.mean()) / std.clamp_min(1e-6)
+
+
+def curriculum_pruned(step: int, total: int, n_prune: int, frac: float) -> int:
+    """Number of pruned layers at `step`: linear 1 -> n_prune over frac * total steps."""
+    ramp = max(1, int(frac * total))
+    if step >= ramp or n_prune <= 1:
+        return n_prune
+    return 1 + int((n_prune - 1) * step / ramp)
+
+
+def batch_at(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
+    """Deterministic batch for a step (cycling over the free blocks), so resume is exact."""
+    blocks = data.blocks
+    free = len(blocks) - data.train_start
+    if free < batch_size:
+        raise ValueError(f"search needs at least {batch_size} free blocks, have {free}")
+    n_batches = free // batch_size
+    start = data.train_start + (step % n_batches) * batch_size
+    return blocks.take(batch_size, start)
+
+
+@torch.no_grad()
+def keep_probabilities(alpha: torch.Tensor, k: int, samples: int, seed: int, offset: int):
+    """Monte-Carlo P(layer kept) under Gumbel-TopK(alpha) sampling: [L]."""
+    from e3kernels import gumbel_topk
+
+    rows = alpha.detach().float()[None].expand(samples, -1).contiguous()
+    return gumbel_topk(rows, k, tau=1.0, seed=seed, offset=offset).float().mean(0)
+
+
+@register("e3")
+def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
+           config: E3Config | None = None) -> Selection:
+    from e3kernels import gumbel_topk
+
+    budget = budget or Budget()
+    cfg = config or E3Config()
+    layers = decoder_layers(model)
+    n = len(layers)
+    check_n_prune(n_prune, n)
+    if data.blocks is None:
+        raise ValueError("e3 needs training blocks (PruneData.blocks) for the mask search")
+    device = next(model.parameters()).device
+    tokens_per_step = budget.batch_size * data.blocks.block_len
+    steps = max(1, budget.search_tokens // tokens_per_step)
+    weight = lm_head(model).weight
+
+    run = budget.run_dir
+    ckpt = Checkpointer(f"{run}/search_ckpt.pt" if run else None, budget.checkpoint_every)
+    log = MetricsLog(f"{run}/metrics.jsonl" if run else None, "search")
+
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    state = ckpt.load() if budget.resume else None
+    if state is not None:
+        alpha = torch.nn.Parameter(state["alpha"].to(device))
+        init_kl = state["init_kl"]
+        opt = torch.optim.Adam([alpha], lr=cfg.lr)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        set_rng_state(state["rng"])
+        log.truncate_after(start - 1)
+    else:
+        if cfg.init == "kl":
+            init_kl = skip_one_kl(model, data.calib, budget.batch_size, budget.progress)
+            alpha0 = init_logits(init_kl, cfg.init_scale)
+        elif cfg.init == "zeros":
+            init_kl = None
+            alpha0 = torch.zeros(n)
+        else:
+            raise ValueError(f"init must be 'kl' or 'zeros', got {cfg.init!r}")
+        alpha = torch.nn.Parameter(alpha0.to(device))
+        opt = torch.optim.Adam([alpha], lr=cfg.lr)
+        start = 0
+        log.clear_phase()
+        log.write({"step": -1, "init_kl": None if init_kl is None else init_kl.tolist(),
+                   "alpha": alpha.detach().cpu().tolist()})
+
+    bar = tqdm(total=steps, initial=start, desc="e3 mask search", unit="step",
+               disable=not budget.progress)
+    try:
+        for step in range(start, steps):
+            n_t = curriculum_pruned(step, steps, n_prune, cfg.curriculum)
+            tau = exp_anneal(step, steps, cfg.tau_start, cfg.tau_end)
+            ids = batch_at(data, step, budget.batch_size).to(device)
+            rows = ids.shape[0] if cfg.per_sample else 1
+            m = gumbel_topk(alpha[None].expand(rows, n), n - n_t, tau=tau,
+                            seed=budget.seed, offset=step)
+            mask = m if cfg.per_sample else m[0]
+            hs, ht = student_and_teacher_hidden(model, ids, mask)
+            out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            probs = keep_probabilities(alpha, n - n_prune, cfg.mc_samples,
+                                       seed=budget.seed + 7919, offset=step)
+            rec = {"step": step, "tokens": (step + 1) * tokens_per_step,
+                   "loss": out.loss.item(), "tau": tau, "n_pruned": n_t,
+                   "mask": [int(x) for x in (m.detach().float().mean(0) > 0.5)],
+                   "alpha": alpha.detach().cpu().tolist(), "keep_prob": probs.cpu().tolist()}
+            log.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tau=f"{tau:.2f}", pruned=n_t)
+            bar.update(1)
+            if ckpt.due(step + 1, last=step + 1 == steps):
+                ckpt.save({"step": step + 1, "alpha": alpha.detach().cpu(),
+                           "optimizer": opt.state_dict(), "rng": rng_state(),
+                           "init_kl": init_kl})
+    finally:
+        bar.close()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+
+    final = alpha.detach().cpu()
+    keep = sorted(torch.topk(final, n - n_prune).indices.tolist())
+    return Selection(keep=keep, num_layers=n, scores=final.tolist(), tokens=steps * tokens_per_step,
+                     info={"config": asdict(cfg), "steps": steps,
+                           "init_kl": None if init_kl is None else init_kl.tolist()})

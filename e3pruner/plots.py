@@ -1,0 +1,70 @@
+"""PNG plots of a pruning run (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_mask_probabilities(records: list[dict], removed: list[int], path: str | Path) -> Path:
+    """Heatmap of P(layer kept) per search step (rows: layers, columns: steps)."""
+    recs = [r for r in records if r.get("phase") == "search" and "keep_prob" in r]
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if recs:
+        probs = np.array([r["keep_prob"] for r in recs]).T
+        im = ax.imshow(probs, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
+                       extent=(0, len(recs), -0.5, probs.shape[0] - 0.5), interpolation="nearest")
+        fig.colorbar(im, ax=ax, label="P(layer kept)")
+        for layer in removed:
+            ax.annotate("x", (len(recs), layer), xytext=(3, 0), textcoords="offset points",
+                        va="center", color="crimson", fontsize=8, annotation_clip=False)
+    ax.set_xlabel("search step")
+    ax.set_ylabel("layer")
+    ax.set_title("E3 mask search: keep probability per layer (x = removed at the end)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_importance(scores: dict[str, list[float]], removed: dict[str, list[int]],
+                          path: str | Path) -> Path:
+    """One bar panel per score (standardized), removed layers in red."""
+    path = Path(path)
+    names = [k for k, v in scores.items() if v]
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.2 * max(1, len(names))), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        v = np.asarray(scores[name], dtype=float)
+        rm = set(removed.get(name, []))
+        colors = ["crimson" if i in rm else "steelblue" for i in range(len(v))]
+        ax.bar(np.arange(len(v)), v, color=colors)
+        ax.set_ylabel(name, fontsize=8)
+        ax.set_xticks(np.arange(len(v)))
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("layer (red = removed by that method)")
+    fig.suptitle("Per-layer importance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, phase in zip(axes, ("search", "recovery")):
+        r = [x for x in records if x.get("phase") == phase and "loss" in x]
+        if r:
+            ax.plot([x["tokens"] for x in r], [x["loss"] for x in r], lw=1)
+        ax.set_title(f"{phase} KD loss")
+        ax.set_xlabel("tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,144 @@
+"""`e3pruner prune` end to end on tiny models: report, export, plots, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from e3pruner.pipeline import PruneArgs, PruneError, run_prune
+from tests.pruner.tiny_models import tiny_model_dir
+
+
+def _args(root, model_path, train, held, **kw):
+    base = dict(model=str(model_path), data=str(train), heldout=str(held), block_len=32,
+                batch_size=2, calib_blocks=4, search_tokens=32 * 2 * 12,
+                recovery_tokens=32 * 2 * 10, eval_tokens=1500, eval_ctx=64,
+                out=str(root / "run"), progress=False, checkpoint_every=3, prune_layers=2)
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_prune_end_to_end(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, train, held = tiny_model_dir(tmp_path, family)
+    report = run_prune(PruneArgs(**_args(tmp_path, model_dir, train, held)), log=lambda *_: None)
+    run = tmp_path / "run"
+    assert len(report["removed_layers"]) == 2 and len(report["kept_layers"]) == 4
+    for key in ("teacher", "pruned_before_recovery", "pruned_after_recovery"):
+        assert report["ppl"][key] > 1
+    assert report["shortgpt"]["ppl_before_recovery"] > 1
+    assert report["tokens"] == {"search": 768, "recovery": 640}
+    assert report["params_pruned"] < report["params"]
+    for png in report["plots"].values():
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    info = json.loads((run / "model" / "pruning.json").read_text())
+    assert info["kept_layers"] == report["kept_layers"] and info["original_num_layers"] == 6
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert reloaded.config.num_hidden_layers == 4
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    search = [r for r in recs if r["phase"] == "search" and r["step"] >= 0]
+    recovery = [r for r in recs if r["phase"] == "recovery"]
+    assert [r["step"] for r in search] == list(range(12))
+    assert [r["step"] for r in recovery] == list(range(10))
+    assert all(abs(sum(r["keep_prob"]) - 4) < 1e-4 for r in search)
+    # curriculum: the number of pruned layers grows to the target
+    assert search[0]["n_pruned"] == 1 and search[-1]["n_pruned"] == 2
+    # a fresh run refuses to overwrite without a flag
+    with pytest.raises(PruneError, match="--resume"):
+        run_prune(PruneArgs(**_args(tmp_path, model_dir, train, held)))
+
+
+def test_bad_input_fails_before_work(tmp_path):
+    model_dir, train, held = tiny_model_dir(tmp_path, "llama")
+    cases = [({"prune_layers": 6}, "prune-layers"), ({"prune_layers": None, "ratio": 1.0}, "ratio"),
+             ({"search_tokens": 0}, "search-tokens"), ({"recovery_tokens": 5}, "recovery-tokens"),
+             ({"out": "/proc/forbidden/run"}, "not writable"), ({"model": str(tmp_path)}, "config")]
+    for kw, match in cases:
+        with pytest.raises(PruneError, match=match):
+            run_prune(PruneArgs(**_args(tmp_path, model_dir, train, held, **kw)))
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
+def _cli(args: dict) -> list[str]:
+    cmd = [sys.executable, "-m", "e3pruner", "prune", "--no-progress"]
+    for k, v in args.items():
+        if k == "progress":
+            continue
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+def _run_until(cmd, env, stop) -> None:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 300:
+        if stop():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+
+
+def _phase_steps(path, phase):
+    if not path.is_file():
+        return 0
+    n = 0
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        n += r.get("phase") == phase and r.get("step", -1) >= 0
+    return n
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir, train, held = tiny_model_dir(tmp_path, "qwen3")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    a = _args(tmp_path, model_dir, train, held, search_tokens=32 * 2 * 20,
+              recovery_tokens=32 * 2 * 20, out=str(tmp_path / "a"))
+    subprocess.run(_cli(a), env=env, check=True, capture_output=True, timeout=600)
+
+    b = dict(a, out=str(tmp_path / "b"))
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    # kill in the middle of the search, after a checkpoint and some steps past it
+    _run_until(_cli(b), env, lambda: _phase_steps(metrics, "search") >= 8)
+    assert (tmp_path / "b" / "search_ckpt.pt").exists()
+    # resume, then kill in the middle of the recovery
+    _run_until(_cli(b) + ["--resume"], env, lambda: _phase_steps(metrics, "recovery") >= 7)
+    assert (tmp_path / "b" / "recovery_ckpt.pt").exists()
+    subprocess.run(_cli(b) + ["--resume"], env=env, check=True, capture_output=True, timeout=600)
+
+    ra = json.loads((tmp_path / "a" / "report.json").read_text())
+    rb = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert ra["kept_layers"] == rb["kept_layers"]
+    assert ra["ppl"] == pytest.approx(rb["ppl"], rel=1e-6)
+
+    def records(run):
+        out = []
+        for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            out.append({k: v for k, v in r.items() if k not in ("grad_norm",)})
+        return out
+
+    rec_a, rec_b = records("a"), records("b")
+    assert [(r["phase"], r["step"]) for r in rec_a] == [(r["phase"], r["step"]) for r in rec_b]
+    for x, y in zip(rec_a, rec_b):
+        assert x.get("loss") == pytest.approx(y.get("loss"), rel=1e-5, abs=1e-7)
+        assert x.get("alpha") == pytest.approx(y.get("alpha"), rel=1e-5, abs=1e-6)
+    wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
