@@ -112,6 +112,8 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--teacher", default=d.teacher, choices=["live", "cache"])
     p.add_argument("--weighting", default=d.weighting)
     p.add_argument("--per-sample", action="store_true", help="one mask per sample in the search")
+    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "none"],
+                   help="autocast dtype for search and recovery (perplexity is always fp32)")
     p.add_argument("--eval-tokens", type=_tokens, default=d.eval_tokens)
     p.add_argument("--eval-ctx", type=int, default=d.eval_ctx)
     p.add_argument("--out", default=d.out)

@@ -32,6 +32,7 @@ from e3pruner.train import (
     Checkpointer,
     MetricsLog,
     atomic_write_text,
+    autocast,
     cosine_lr,
     rng_state,
     set_rng_state,
@@ -58,6 +59,7 @@ class RecoveryConfig:
     teacher: str = "live"  # "live" or "cache"
     cache_topk: int = 64
     lora_rank: int = 16
+    amp: str | None = None  # "bf16": autocast forward/backward (fp32 master weights)
 
     def validate(self) -> None:
         if self.scope not in SCOPES:
@@ -256,10 +258,11 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
         for micro in range(cfg.grad_accum):
             idx = step * cfg.grad_accum + micro
             ids = batch_at(data, idx, cfg.batch_size).to(device)
-            hs = final_hidden(student, ids)
+            with autocast(device, cfg.amp):
+                hs = final_hidden(student, ids)
             hs2 = hs.reshape(-1, hs.shape[-1])
             if cache is None:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device, cfg.amp):
                     ht = final_hidden(teacher, ids)
                 out = fused_linear_kd_loss(hs2, ws, ht.reshape(-1, ht.shape[-1]), wt,
                                            temperature=cfg.temperature, kl=cfg.kl,

@@ -27,9 +27,9 @@ class PruneArgs:
     heldout: str = "heldout"
     block_len: int = 256
     batch_size: int = 4
-    calib_blocks: int = 8
-    search_tokens: int = 65_536
-    recovery_tokens: int = 262_144
+    calib_blocks: int = 4
+    search_tokens: int = 49_152
+    recovery_tokens: int = 65_536
     grad_accum: int = 1
     lr: float = 2e-4
     search_lr: float = 0.1
@@ -37,7 +37,8 @@ class PruneArgs:
     teacher: str = "live"
     weighting: str = "entropy"
     per_sample: bool = False
-    eval_tokens: int = 16_384
+    amp: str = "bf16"  # autocast for the search and recovery forward/backward ("none": off)
+    eval_tokens: int = 8_192
     eval_ctx: int = 512
     out: str = "runs/e3-smollm2"
     seed: int = 0
@@ -94,6 +95,8 @@ def validate(args: PruneArgs) -> tuple[int, int]:
     if args.eval_tokens < 2 or args.eval_ctx < 2:
         raise PruneError("--eval-tokens and --eval-ctx must be >= 2")
     parse_dtype(args.dtype)
+    if args.amp not in ("bf16", "fp16", "none"):
+        raise PruneError(f"--amp must be bf16, fp16 or none, got {args.amp!r}")
     if args.scope not in ("full", "endpoints", "lora"):
         raise PruneError(f"--scope must be full, endpoints or lora, got {args.scope!r}")
     if args.teacher not in ("live", "cache"):
@@ -187,7 +190,8 @@ def run_prune(args: PruneArgs, log=print) -> dict:
                     resume=args.resume, checkpoint_every=args.checkpoint_every)
     t_search = time.time()
     if state.get("search") is None:
-        cfg = E3Config(lr=args.search_lr, per_sample=args.per_sample, weighting=args.weighting)
+        cfg = E3Config(lr=args.search_lr, per_sample=args.per_sample, weighting=args.weighting,
+                       amp=args.amp)
         sel = get_method("e3")(model, data, n_prune, budget, config=cfg)
         state.set("search", {**asdict(sel), "seconds": time.time() - t_search})
     sel = Selection(**{k: v for k, v in state.get("search").items() if k != "seconds"})
@@ -209,7 +213,7 @@ def run_prune(args: PruneArgs, log=print) -> dict:
 
     rec_cfg = RecoveryConfig(tokens=args.recovery_tokens, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, lr=args.lr, scope=args.scope,
-                             weighting=args.weighting, teacher=args.teacher)
+                             weighting=args.weighting, teacher=args.teacher, amp=args.amp)
     student = make_student(model, sel.keep)
     t_rec = time.time()
     student, rec_summary = recover(student, model, data, rec_cfg, keep=sel.keep, seed=args.seed,
@@ -236,7 +240,12 @@ def run_prune(args: PruneArgs, log=print) -> dict:
     }
     scores = {"E3 logits (final)": sel.scores,
               "skip-one KL (init)": sel.info.get("init_kl")}
-    removed = {"E3 logits (final)": sel.removed, "skip-one KL (init)": sel.removed}
+    removed = {"E3 logits (final)": sel.removed}
+    if sel.info.get("init_kl"):
+        from e3pruner.methods.base import keep_lowest_removed
+
+        init_keep = set(keep_lowest_removed(torch.tensor(sel.info["init_kl"]), n_prune))
+        removed["skip-one KL (init)"] = [i for i in range(n_layers) if i not in init_keep]
     if state.get("shortgpt"):
         scores["ShortGPT block influence"] = state.get("shortgpt")["scores"]
         keep_b = set(state.get("shortgpt")["keep"])

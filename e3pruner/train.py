@@ -15,6 +15,19 @@ import numpy as np
 import torch
 
 
+def autocast(device: torch.device | str, amp: str | None):
+    """bf16/fp16 autocast context for `amp` in {"bf16", "fp16"}, or a no-op for None/"none"."""
+    import contextlib
+
+    if amp in (None, "none", "off"):
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+              "float16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be one of {sorted(dtypes)} or 'none', got {amp!r}")
+    return torch.autocast(torch.device(device).type, dtype=dtypes[amp])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -26,12 +26,21 @@ from e3pruner.hidden import (
 )
 from e3pruner.methods.base import Budget, PruneData, Selection, check_n_prune, register
 from e3pruner.models.families import decoder_layers, final_norm, lm_head
-from e3pruner.train import Checkpointer, MetricsLog, exp_anneal, rng_state, set_rng_state
+from e3pruner.train import (
+    Checkpointer,
+    MetricsLog,
+    autocast,
+    exp_anneal,
+    rng_state,
+    set_rng_state,
+)
 
 
 @dataclass
 class E3Config:
     lr: float = 0.1
+    optimizer: str = "nsgd"  # "nsgd" (momentum SGD on the globally normalized gradient) or "adam"
+    momentum: float = 0.9
     tau_start: float = 1.0
     tau_end: float = 0.2
     curriculum: float = 0.5
@@ -41,6 +50,7 @@ class E3Config:
     weighting: str = "entropy"
     temperature: float = 1.0
     mc_samples: int = 2048  # Monte-Carlo draws to log per-layer keep probabilities
+    amp: str | None = None  # "bf16": autocast the frozen model's forward/backward
 
 
 def _kd(hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor, **kw):
@@ -69,7 +79,7 @@ def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool 
         ids = calib[i:i + batch_size].to(device)
         inputs: dict[int, torch.Tensor] = {}
         handles = [layer.register_forward_pre_hook(
-            lambda _m, a, k, idx=idx: inputs.__setitem__(idx, (a[0] if a else k["hidden_states"])),
+            lambda _m, a, k, idx=idx, box=inputs: box.__setitem__(idx, a[0] if a else k["hidden_states"]),
             with_kwargs=True) for idx, layer in enumerate(layers)]
         try:
             with gated(model, None):
@@ -97,6 +107,17 @@ def init_logits(kl: torch.Tensor, scale: float) -> torch.Tensor:
     s = torch.log(kl.clamp_min(1e-8))
     std = s.std() if s.numel() > 1 else torch.tensor(1.0)
     return scale * (s - s.mean()) / std.clamp_min(1e-6)
+
+
+def _optimizer(alpha: torch.nn.Parameter, cfg: E3Config) -> torch.optim.Optimizer:
+    """nsgd keeps the relative size of the per-layer gradients (Adam's per-coordinate
+    scaling would blow a layer's tiny-but-consistent gradient up to the size of a crucial
+    layer's, blurring exactly the distinction the search has to make)."""
+    if cfg.optimizer == "nsgd":
+        return torch.optim.SGD([alpha], lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam([alpha], lr=cfg.lr)
+    raise ValueError(f"optimizer must be 'nsgd' or 'adam', got {cfg.optimizer!r}")
 
 
 def curriculum_pruned(step: int, total: int, n_prune: int, frac: float) -> int:
@@ -156,7 +177,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     if state is not None:
         alpha = torch.nn.Parameter(state["alpha"].to(device))
         init_kl = state["init_kl"]
-        opt = torch.optim.Adam([alpha], lr=cfg.lr)
+        opt = _optimizer(alpha, cfg)
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         set_rng_state(state["rng"])
@@ -171,7 +192,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
         else:
             raise ValueError(f"init must be 'kl' or 'zeros', got {cfg.init!r}")
         alpha = torch.nn.Parameter(alpha0.to(device))
-        opt = torch.optim.Adam([alpha], lr=cfg.lr)
+        opt = _optimizer(alpha, cfg)
         start = 0
         log.clear_phase()
         log.write({"step": -1, "init_kl": None if init_kl is None else init_kl.tolist(),
@@ -188,10 +209,13 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
             m = gumbel_topk(alpha[None].expand(rows, n), n - n_t, tau=tau,
                             seed=budget.seed, offset=step)
             mask = m if cfg.per_sample else m[0]
-            hs, ht = student_and_teacher_hidden(model, ids, mask)
+            with autocast(device, cfg.amp):
+                hs, ht = student_and_teacher_hidden(model, ids, mask)
             out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
+            if cfg.optimizer == "nsgd":
+                alpha.grad /= alpha.grad.norm().clamp_min(1e-12)
             opt.step()
             probs = keep_probabilities(alpha, n - n_prune, cfg.mc_samples,
                                        seed=budget.seed + 7919, offset=step)

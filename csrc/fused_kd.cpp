@@ -1,0 +1,717 @@
+// Fused linear KD loss, C++ CPU path (DESIGN 3.2 / 3.3).
+//
+// Per token i, with z_s = hs ws[:V]^T / T and z_t = ht wt[:V]^T / T, never stored beyond one
+// [chunk_N, block_V] tile per thread:
+//   online over vocab tiles (tile-local sums relative to the tile max, merged into running
+//   per-row statistics in double):
+//     student  m_s, l_s = sum e^{z_s - m_s}
+//     teacher  m_t, l_t = sum e^{z_t - m_t}, a_t = sum e^{z_t - m_t} (z_t - m_t)
+//     forward  k = sum e^{z_t - m_t} (z_t - z_s)        reverse  k = sum e^{z_s - m_s} (z_s - z_t)
+//     CE       m_1, l_1 of the UNscaled student logits (shared with the student when T == 1)
+//   lse_s = m_s + log l_s, lse_t = m_t + log l_t, H_t = log l_t - a_t / l_t,
+//   forward KL = k / l_t - lse_t + lse_s,  reverse KL = k / l_s - lse_s + lse_t.
+// Backward recomputes the tiles, forms dz = d loss / d (hs ws^T) in place of the student tile and
+// accumulates grad_hs += dz ws_blk (one fp32 slot per vocab group, summed per chunk) and
+// grad_ws[blk] += dz^T hs_chunk (each vocab block belongs to one group: no race, no copies).
+//
+// Threading: tokens are processed in chunks of kChunkN rows; inside a chunk, the vocab blocks
+// (in a few contiguous groups per thread, taken dynamically) are spread over ATen's
+// at::parallel_for threads, so N = 1 still uses every thread, and results are deterministic.
+// GEMMs: the Fortran sgemm_ of the BLAS inside libtorch (MKL on x86 wheels), called from each
+// worker (single-threaded there), else at::mm_out / at::addmm_out on the tiles.
+// Low-precision inputs are converted to fp32 per tile (per chunk for the hidden states).
+// See docs/fused_kd_cpp.md.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "registry.h"
+
+extern "C" {
+// Exported by libtorch_cpu when torch is built with a BLAS (MKL on the x86 wheels); ATen's own
+// CPUBlas calls the same symbol. Weak, so a torch without it still loads this module.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+}
+
+namespace e3 {
+namespace fused_kd {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kChunkN = 256;  // token rows per chunk (the GEMM M dimension)
+constexpr int64_t kBlockV = 256;  // vocab rows per tile (the GEMM N dimension)
+
+// ------------------------------------------------------------------------------------------
+// GEMM on fp32, row-major: C[M,N] = op(A)[M,K] op(B)[K,N] + beta C.
+// ------------------------------------------------------------------------------------------
+bool blas_available() { return sgemm_ != nullptr; }
+
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc, bool use_blas) {
+  if (M == 0 || N == 0) return;
+  if (use_blas) {
+    // Row-major C = A B is column-major C^T = B^T A^T: swap the operands, keep the flags.
+    const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float one = 1.f;
+    sgemm_(&ca, &cb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  float* a_ptr = const_cast<float*>(A);
+  float* b_ptr = const_cast<float*>(B);
+  at::Tensor a = ta ? at::from_blob(a_ptr, {K, M}, {lda, 1}, opts).t()
+                    : at::from_blob(a_ptr, {M, K}, {lda, 1}, opts);
+  at::Tensor b = tb ? at::from_blob(b_ptr, {N, K}, {ldb, 1}, opts).t()
+                    : at::from_blob(b_ptr, {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == 0.f) {
+    at::mm_out(c, a, b);
+  } else {
+    at::addmm_out(c, c, a, b, beta, 1.0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// exp for the epilogue: plain scalar code that GCC/Clang vectorize under `omp simd`
+// (Cephes-style degree-6 polynomial, ~1 ulp). Exactly 0 below -87.3 (FLT_MIN range), so
+// -inf inputs give 0; clamped at 88 (inputs here are z - max <= 0 up to rounding).
+// ------------------------------------------------------------------------------------------
+inline float fexp(float x) {
+  constexpr float kLo = -87.33654475f, kHi = 88.0f;
+  float xc = x < kLo ? kLo : x;
+  xc = xc > kHi ? kHi : xc;
+  constexpr float kShift = 12582912.f;  // 1.5 * 2^23: round-to-nearest trick
+  const float n = (xc * 1.44269504088896341f + kShift) - kShift;
+  float r = std::fma(n, -0.693359375f, xc);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r) + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  const float y = p * s;
+  return x < kLo ? 0.f : y;
+}
+
+// ------------------------------------------------------------------------------------------
+// Per-row online statistics.
+// ------------------------------------------------------------------------------------------
+struct Stats {
+  float ms, mt, m1;   // running maxima: scaled student, scaled teacher, unscaled student (CE)
+  double ls, lt, at;  // sum e^{z_s-m_s}, sum e^{z_t-m_t}, sum e^{z_t-m_t} (z_t-m_t)
+  double k;           // forward: sum e^{z_t-m_t}(z_t-z_s); reverse: sum e^{z_s-m_s}(z_s-z_t)
+  double l1;          // sum e^{z1-m1} of the unscaled student logits (CE with T != 1)
+  double lab;         // unscaled student logit at the label (CE)
+  void reset() {
+    ms = mt = m1 = kNegInf;
+    ls = lt = at = k = l1 = lab = 0.0;
+  }
+};
+
+// Scale factors that bring a block with maximum `m_part` to the common maximum `m`.
+inline double rescale(float m_part, float m) {
+  return m_part == kNegInf ? 0.0 : std::exp(static_cast<double>(m_part) - m);
+}
+
+// Merges `s` into `d` (both relative to their own maxima).
+inline void merge(Stats& d, const Stats& s, bool reverse, bool ce_sep) {
+  {  // student
+    const float m = std::max(d.ms, s.ms);
+    if (m != kNegInf) {
+      const double ad = rescale(d.ms, m), as = rescale(s.ms, m);
+      d.ls = ad * d.ls + as * s.ls;
+      if (reverse) d.k = ad * d.k + as * s.k;
+      d.ms = m;
+    }
+  }
+  {  // teacher
+    const float m = std::max(d.mt, s.mt);
+    if (m != kNegInf) {
+      const double ad = rescale(d.mt, m), as = rescale(s.mt, m);
+      const double a_d = ad == 0.0 ? 0.0 : ad * (d.at + (static_cast<double>(d.mt) - m) * d.lt);
+      const double a_s = as == 0.0 ? 0.0 : as * (s.at + (static_cast<double>(s.mt) - m) * s.lt);
+      d.at = a_d + a_s;
+      d.lt = ad * d.lt + as * s.lt;
+      if (!reverse) d.k = ad * d.k + as * s.k;
+      d.mt = m;
+    }
+  }
+  if (ce_sep) {
+    const float m = std::max(d.m1, s.m1);
+    if (m != kNegInf) {
+      d.l1 = rescale(d.m1, m) * d.l1 + rescale(s.m1, m) * s.l1;
+      d.m1 = m;
+    }
+  }
+  d.lab += s.lab;
+}
+
+// Statistics of one tile row (unscaled logits s[0..n), t[0..n)) relative to the tile maxima.
+template <bool REV, bool CE_SEP>
+inline void tile_row_stats(const float* __restrict s, const float* __restrict t, int64_t n,
+                           float inv_t, Stats& out) {
+  float mxs = kNegInf, mxt = kNegInf;
+#pragma omp simd reduction(max : mxs, mxt)
+  for (int64_t j = 0; j < n; ++j) {
+    mxs = std::max(mxs, s[j]);
+    mxt = std::max(mxt, t[j]);
+  }
+  out.ms = mxs * inv_t;  // inv_t > 0: the max commutes with the scaling
+  out.mt = mxt * inv_t;
+  const float bs = out.ms == kNegInf ? 0.f : out.ms;
+  const float bt = out.mt == kNegInf ? 0.f : out.mt;
+  float sl = 0.f, tl = 0.f, ta = 0.f, tk = 0.f;
+#pragma omp simd reduction(+ : sl, tl, ta, tk)
+  for (int64_t j = 0; j < n; ++j) {
+    const float zs = s[j] * inv_t, zt = t[j] * inv_t;
+    const float es = fexp(zs - bs), et = fexp(zt - bt);
+    sl += es;
+    tl += et;
+    ta += et > 0.f ? et * (zt - bt) : 0.f;
+    if (REV) {
+      tk += es > 0.f ? es * (zs - zt) : 0.f;
+    } else {
+      tk += et > 0.f ? et * (zt - zs) : 0.f;
+    }
+  }
+  out.ls = sl;
+  out.lt = tl;
+  out.at = ta;
+  out.k = tk;
+  if (CE_SEP) {
+    out.m1 = mxs;
+    const float b1 = mxs == kNegInf ? 0.f : mxs;
+    float l1 = 0.f;
+#pragma omp simd reduction(+ : l1)
+    for (int64_t j = 0; j < n; ++j) l1 += fexp(s[j] - b1);
+    out.l1 = l1;
+  }
+}
+
+// Backward of one tile row: overwrites s (unscaled student logits) with dz = d loss / d(hs ws^T).
+//   c_kl = g_kl / T (0 for ignored rows), c_ce = g_ce (0 for ignored rows / no CE).
+// CE: 0 none, 1 shared with the student softmax (T == 1), 2 separate unscaled softmax.
+template <bool REV, int CE>
+inline void tile_row_grad(float* __restrict s, const float* __restrict t, int64_t n, float inv_t,
+                          float lse_s, float lse_t, float kl, float c_kl, float c_ce,
+                          float lse1) {
+  if (REV) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float lps = s[j] * inv_t - lse_s;
+      const float lpt = t[j] * inv_t - lse_t;
+      const float ps = fexp(lps);
+      float d = ps > 0.f ? c_kl * ps * (lps - lpt - kl) : 0.f;
+      if (CE == 1) d += c_ce * ps;
+      if (CE == 2) d += c_ce * fexp(s[j] - lse1);
+      s[j] = d;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float ps = fexp(s[j] * inv_t - lse_s);
+      const float pt = fexp(t[j] * inv_t - lse_t);
+      float d = c_kl * (ps - pt);
+      if (CE == 1) d += c_ce * ps;
+      if (CE == 2) d += c_ce * fexp(s[j] - lse1);
+      s[j] = d;
+    }
+  }
+}
+
+// Row-only backward when no KL gradient flows (CE only): t is not needed.
+template <int CE>
+inline void tile_row_grad_ce_only(float* __restrict s, int64_t n, float inv_t, float lse_s,
+                                  float c_ce, float lse1) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = CE == 1 ? fexp(s[j] * inv_t - lse_s) : fexp(s[j] - lse1);
+    s[j] = c_ce * p;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Operands: [rows, D] matrices in fp32 / bf16 / fp16; fp32 row blocks on demand.
+// ------------------------------------------------------------------------------------------
+struct Operand {
+  at::Tensor t;  // contiguous
+  const float* f32 = nullptr;
+  int64_t D = 0;
+  explicit Operand(const at::Tensor& x) : t(x.contiguous()), D(x.size(1)) {
+    if (t.scalar_type() == at::kFloat) f32 = t.data_ptr<float>();
+  }
+  // fp32 rows [r0, r0 + n): a pointer into the tensor, or a conversion into buf (n * D floats).
+  const float* rows(int64_t r0, int64_t n, float* buf) const {
+    if (f32 != nullptr) return f32 + r0 * D;
+    at::from_blob(buf, {n, D}, at::TensorOptions().dtype(at::kFloat)).copy_(t.narrow(0, r0, n));
+    return buf;
+  }
+  bool needs_buffer() const { return f32 == nullptr; }
+};
+
+std::string shape_str(const at::Tensor& x) {
+  std::ostringstream os;
+  os << x.sizes() << " " << x.scalar_type();
+  return os.str();
+}
+
+bool is_float_kind(const at::Tensor& x) {
+  const auto d = x.scalar_type();
+  return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
+}
+
+// Validates the inputs shared by forward and backward; returns labels as contiguous int64
+// (undefined when none).
+at::Tensor check_common(const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht,
+                        const at::Tensor& wt, const at::Tensor& labels, double inv_temperature,
+                        int64_t vocab_size, const char* fn) {
+  for (const auto* x : {&hs, &ws, &ht, &wt}) {
+    TORCH_CHECK(x->defined(), fn, ": undefined tensor argument");
+    TORCH_CHECK(x->device().is_cpu(), fn, ": the C++ kernel runs on CPU tensors, got a tensor on ",
+                x->device());
+    TORCH_CHECK(x->dim() == 2, fn, ": hs, ws, ht, wt must be 2-D; got hs ", shape_str(hs),
+                ", ws ", shape_str(ws), ", ht ", shape_str(ht), ", wt ", shape_str(wt));
+    TORCH_CHECK(is_float_kind(*x), fn, ": hs, ws, ht, wt must be float32, bfloat16 or float16; got hs ",
+                shape_str(hs), ", ws ", shape_str(ws), ", ht ", shape_str(ht), ", wt ",
+                shape_str(wt));
+  }
+  TORCH_CHECK(hs.size(0) == ht.size(0), fn, ": student and teacher token counts differ: hs ",
+              shape_str(hs), " vs ht ", shape_str(ht));
+  TORCH_CHECK(hs.size(1) == ws.size(1), fn, ": hidden size mismatch: hs ", shape_str(hs),
+              " vs ws ", shape_str(ws), " (ws must be [Vs, Ds])");
+  TORCH_CHECK(ht.size(1) == wt.size(1), fn, ": hidden size mismatch: ht ", shape_str(ht),
+              " vs wt ", shape_str(wt), " (wt must be [Vt, Dt])");
+  TORCH_CHECK(hs.size(1) > 0 && ht.size(1) > 0, fn, ": hidden sizes must be >= 1: hs ",
+              shape_str(hs), ", ht ", shape_str(ht));
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= std::min(ws.size(0), wt.size(0)), fn,
+              ": vocab_size must be in [1, min(Vs, Vt)] = [1, ", std::min(ws.size(0), wt.size(0)),
+              "], got ", vocab_size, " (ws ", shape_str(ws), ", wt ", shape_str(wt), ")");
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0.0, fn,
+              ": inv_temperature must be finite and > 0 (temperature > 0), got ", inv_temperature);
+  TORCH_CHECK(hs.size(0) <= std::numeric_limits<int>::max() / 2, fn, ": too many tokens");
+  at::Tensor lab;
+  if (labels.defined() && labels.numel() > 0) {
+    TORCH_CHECK(labels.device().is_cpu(), fn, ": labels must be a CPU tensor");
+    TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+                fn, ": labels must be an integer tensor, got ", shape_str(labels));
+    TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hs.size(0), fn,
+                ": labels must be [N] with N = hs.size(0); got labels ", shape_str(labels),
+                ", hs ", shape_str(hs));
+    lab = labels.to(at::kLong).contiguous();
+  }
+  return lab;
+}
+
+at::Tensor check_row_vector(const at::Tensor& x, int64_t N, const char* name, const char* fn) {
+  TORCH_CHECK(x.defined() && x.dim() == 1 && x.size(0) == N, fn, ": ", name,
+              " must be [N] with N = ", N, ", got ",
+              x.defined() ? shape_str(x) : std::string("undefined"));
+  TORCH_CHECK(x.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), fn, ": ", name, " must be floating point, got ",
+              shape_str(x));
+  return x.to(at::kFloat).contiguous();
+}
+
+void check_label_range(const at::Tensor& lab, int64_t ignore_index, int64_t V, const char* fn) {
+  const int64_t* p = lab.data_ptr<int64_t>();
+  for (int64_t i = 0; i < lab.size(0); ++i) {
+    TORCH_CHECK(p[i] == ignore_index || (p[i] >= 0 && p[i] < V), fn, ": labels[", i, "] = ", p[i],
+                " is outside [0, vocab_size = ", V, ") and is not ignore_index = ", ignore_index);
+  }
+}
+
+// Vocab blocks [0, nvb) are split into G contiguous groups that the threads take dynamically
+// (an atomic counter), so a thread slowed down by another process does not stall the others.
+// Each group owns its statistics / grad_hs slot; slots are merged in group order afterwards, so
+// results are run-to-run deterministic for a given thread count.
+struct Groups {
+  int64_t nvb = 1, G = 1;
+  int64_t lo(int64_t g) const { return g * nvb / G; }
+  int64_t hi(int64_t g) const { return (g + 1) * nvb / G; }
+};
+
+Groups make_groups(int64_t nvb, int T, int64_t slot_bytes) {
+  constexpr int64_t kSlotBudget = int64_t(64) << 20;  // bytes of per-group slots, all groups
+  const int64_t cap = std::max<int64_t>(T, kSlotBudget / std::max<int64_t>(1, slot_bytes));
+  Groups g;
+  g.nvb = nvb;
+  g.G = std::max<int64_t>(1, std::min({int64_t(4) * T, cap, nvb}));
+  return g;
+}
+
+// Calls body(tid, g) once for every group g; tid < T indexes per-thread scratch buffers.
+template <class F>
+void run_groups(const Groups& gr, bool nested, int T, const F& body) {
+  if (nested || T == 1) {
+    for (int64_t g = 0; g < gr.G; ++g) body(0, g);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, T, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    if (tid < 0 || tid >= T) return;  // never expected; the other threads take every group
+    for (int64_t g = next.fetch_add(1); g < gr.G; g = next.fetch_add(1)) body(tid, g);
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+template <bool REV, bool CE_SEP>
+void forward_chunk_tiles(const Operand& ws, const Operand& wt, const float* hsc, const float* htc,
+                         int64_t nc, int64_t V, float inv_t, const int64_t* lab_chunk,
+                         bool track_label, const Groups& gr, std::vector<float>& tiles,
+                         std::vector<float>& wbuf_s, std::vector<float>& wbuf_t,
+                         std::vector<Stats>& slots, int64_t nc_max, bool nested, int T,
+                         bool use_blas) {
+  const int64_t Ds = ws.D, Dt = wt.D;
+  run_groups(gr, nested, T, [&](int tid, int64_t g) {
+    float* zs = tiles.data() + static_cast<int64_t>(tid) * 2 * nc_max * kBlockV;
+    float* zt = zs + nc_max * kBlockV;
+    float* bs = ws.needs_buffer() ? wbuf_s.data() + tid * kBlockV * Ds : nullptr;
+    float* bt = wt.needs_buffer() ? wbuf_t.data() + tid * kBlockV * Dt : nullptr;
+    Stats* st = slots.data() + g * nc_max;
+    Stats tile;
+    for (int64_t vb = gr.lo(g); vb < gr.hi(g); ++vb) {
+      const int64_t v0 = vb * kBlockV, bv = std::min(kBlockV, V - v0);
+      const float* wsb = ws.rows(v0, bv, bs);
+      const float* wtb = wt.rows(v0, bv, bt);
+      gemm_rm(false, true, nc, bv, Ds, hsc, Ds, wsb, Ds, 0.f, zs, bv, use_blas);
+      gemm_rm(false, true, nc, bv, Dt, htc, Dt, wtb, Dt, 0.f, zt, bv, use_blas);
+      for (int64_t i = 0; i < nc; ++i) {
+        tile_row_stats<REV, CE_SEP>(zs + i * bv, zt + i * bv, bv, inv_t, tile);
+        tile.lab = 0.0;
+        if (track_label) {
+          const int64_t c = lab_chunk[i] - v0;
+          if (c >= 0 && c < bv) tile.lab = zs[i * bv + c];
+        }
+        merge(st[i], tile, REV, CE_SEP);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> fused_kd_forward(const at::Tensor& hs, const at::Tensor& ws,
+                                         const at::Tensor& ht, const at::Tensor& wt,
+                                         const at::Tensor& labels, double inv_temperature,
+                                         bool reverse, int64_t ignore_index, int64_t vocab_size,
+                                         bool compute_ce) {
+  const char* fn = "fused_kd_forward";
+  at::Tensor lab = check_common(hs, ws, ht, wt, labels, inv_temperature, vocab_size, fn);
+  const int64_t N = hs.size(0), V = vocab_size;
+  TORCH_CHECK(!compute_ce || lab.defined() || N == 0, fn, ": compute_ce=True needs labels");
+  const bool has_labels = lab.defined();
+  if (compute_ce && has_labels) check_label_range(lab, ignore_index, V, fn);
+
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor kl = at::empty({N}, fopt), ent = at::empty({N}, fopt);
+  at::Tensor lse_s = at::empty({N}, fopt), lse_t = at::empty({N}, fopt);
+  at::Tensor ce = compute_ce ? at::empty({N}, fopt) : at::empty({0}, fopt);
+  at::Tensor lse1 = compute_ce ? at::empty({N}, fopt) : at::empty({0}, fopt);
+  if (N == 0) return {kl, ent, lse_s, lse_t, ce, lse1};
+
+  const float inv_t = static_cast<float>(inv_temperature);
+  const bool ce_sep = compute_ce && inv_t != 1.f;
+  const bool track_label = compute_ce;
+  const bool use_blas = blas_available();
+  const Operand hs_op(hs), ws_op(ws), ht_op(ht), wt_op(wt);
+  const int64_t Ds = hs_op.D, Dt = ht_op.D;
+
+  const bool nested = at::in_parallel_region();
+  const int T = nested ? 1 : std::max(1, at::get_num_threads());
+  const int64_t nc_max = std::min(N, kChunkN);
+  std::vector<float> tiles(static_cast<size_t>(T) * 2 * nc_max * kBlockV);
+  std::vector<float> wbuf_s(ws_op.needs_buffer() ? static_cast<size_t>(T) * kBlockV * Ds : 0);
+  std::vector<float> wbuf_t(wt_op.needs_buffer() ? static_cast<size_t>(T) * kBlockV * Dt : 0);
+  std::vector<float> hbuf_s(hs_op.needs_buffer() ? nc_max * Ds : 0);
+  std::vector<float> hbuf_t(ht_op.needs_buffer() ? nc_max * Dt : 0);
+  const Groups gr = make_groups((V + kBlockV - 1) / kBlockV, T, 0);
+  std::vector<Stats> slots(static_cast<size_t>(gr.G) * nc_max);
+
+  const int64_t* labp = has_labels ? lab.data_ptr<int64_t>() : nullptr;
+  float* klp = kl.data_ptr<float>();
+  float* entp = ent.data_ptr<float>();
+  float* lsp = lse_s.data_ptr<float>();
+  float* ltp = lse_t.data_ptr<float>();
+  float* cep = compute_ce ? ce.data_ptr<float>() : nullptr;
+  float* l1p = compute_ce ? lse1.data_ptr<float>() : nullptr;
+
+  for (int64_t n0 = 0; n0 < N; n0 += kChunkN) {
+    const int64_t nc = std::min(kChunkN, N - n0);
+    const float* hsc = hs_op.rows(n0, nc, hbuf_s.data());
+    const float* htc = ht_op.rows(n0, nc, hbuf_t.data());
+    for (auto& s : slots) s.reset();
+    const int64_t* lab_chunk = labp ? labp + n0 : nullptr;
+#define E3_FWD_CALL(R, C)                                                                       \
+  forward_chunk_tiles<R, C>(ws_op, wt_op, hsc, htc, nc, V, inv_t, lab_chunk, track_label, gr,     \
+                            tiles, wbuf_s, wbuf_t, slots, nc_max, nested, T, use_blas)
+    if (reverse) {
+      if (ce_sep) E3_FWD_CALL(true, true); else E3_FWD_CALL(true, false);
+    } else {
+      if (ce_sep) E3_FWD_CALL(false, true); else E3_FWD_CALL(false, false);
+    }
+#undef E3_FWD_CALL
+    for (int64_t i = 0; i < nc; ++i) {
+      Stats s = slots[i];
+      for (int64_t g = 1; g < gr.G; ++g) merge(s, slots[g * nc_max + i], reverse, ce_sep);
+      const int64_t r = n0 + i;
+      const double log_ls = std::log(s.ls), log_lt = std::log(s.lt);
+      const double lse_s_d = s.ms + log_ls, lse_t_d = s.mt + log_lt;
+      lsp[r] = static_cast<float>(lse_s_d);
+      ltp[r] = static_cast<float>(lse_t_d);
+      const bool valid = !labp || labp[r] != ignore_index;
+      double h = 0.0, k = 0.0;
+      if (valid) {
+        if (s.lt > 0.0) h = log_lt - s.at / s.lt;
+        if (reverse) {
+          if (s.ls > 0.0) k = s.k / s.ls - log_ls + log_lt + (static_cast<double>(s.mt) - s.ms);
+        } else {
+          if (s.lt > 0.0) k = s.k / s.lt - log_lt + log_ls + (static_cast<double>(s.ms) - s.mt);
+        }
+      }
+      klp[r] = static_cast<float>(k);
+      entp[r] = static_cast<float>(h);
+      if (compute_ce) {
+        // Unscaled lse: its own statistics when T != 1, else identical to the student's.
+        const double l1 = ce_sep ? s.m1 + std::log(s.l1) : lse_s_d;
+        l1p[r] = static_cast<float>(l1);
+        cep[r] = valid ? static_cast<float>(l1 - s.lab) : 0.f;
+      }
+    }
+  }
+  return {kl, ent, lse_s, lse_t, ce, lse1};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+struct RowCoef {
+  float c_kl, c_ce, lse_s, lse_t, kl, lse1;
+  int64_t label;  // -1 when no CE term for this row
+};
+
+template <bool REV, int CE>
+void backward_chunk_tiles(const Operand& ws, const Operand& wt, const float* hsc, const float* htc,
+                          int64_t nc, int64_t V, float inv_t, const RowCoef* coef, bool need_t,
+                          float* gws, const Groups& gr, std::vector<float>& tiles,
+                          std::vector<float>& wbuf_s, std::vector<float>& wbuf_t,
+                          std::vector<float>& acc, int64_t nc_max, bool nested, int T,
+                          bool use_blas) {
+  const int64_t Ds = ws.D, Dt = wt.D;
+  run_groups(gr, nested, T, [&](int tid, int64_t g) {
+    float* zs = tiles.data() + static_cast<int64_t>(tid) * 2 * nc_max * kBlockV;
+    float* zt = zs + nc_max * kBlockV;
+    float* bs = ws.needs_buffer() ? wbuf_s.data() + tid * kBlockV * Ds : nullptr;
+    float* bt = wt.needs_buffer() ? wbuf_t.data() + tid * kBlockV * Dt : nullptr;
+    float* acc_g = acc.data() + g * nc_max * Ds;
+    for (int64_t vb = gr.lo(g); vb < gr.hi(g); ++vb) {
+      const int64_t v0 = vb * kBlockV, bv = std::min(kBlockV, V - v0);
+      const float* wsb = ws.rows(v0, bv, bs);
+      gemm_rm(false, true, nc, bv, Ds, hsc, Ds, wsb, Ds, 0.f, zs, bv, use_blas);
+      if (need_t) {
+        const float* wtb = wt.rows(v0, bv, bt);
+        gemm_rm(false, true, nc, bv, Dt, htc, Dt, wtb, Dt, 0.f, zt, bv, use_blas);
+      }
+      for (int64_t i = 0; i < nc; ++i) {
+        const RowCoef& c = coef[i];
+        float* srow = zs + i * bv;
+        if (c.c_kl == 0.f && c.c_ce == 0.f) {
+          std::fill(srow, srow + bv, 0.f);
+          continue;
+        }
+        if (need_t) {
+          tile_row_grad<REV, CE>(srow, zt + i * bv, bv, inv_t, c.lse_s, c.lse_t, c.kl, c.c_kl,
+                                 c.c_ce, c.lse1);
+        } else if (CE != 0) {
+          tile_row_grad_ce_only<CE == 0 ? 1 : CE>(srow, bv, inv_t, c.lse_s, c.c_ce, c.lse1);
+        }
+        if (CE != 0 && c.label >= v0 && c.label < v0 + bv) srow[c.label - v0] -= c.c_ce;
+      }
+      // grad_hs slot of this group (+)= dz ws_blk ; grad_ws[blk] += dz^T hs_chunk
+      const float beta = vb == gr.lo(g) ? 0.f : 1.f;
+      gemm_rm(false, false, nc, Ds, bv, zs, bv, wsb, Ds, beta, acc_g, Ds, use_blas);
+      if (gws != nullptr) {
+        gemm_rm(true, false, bv, Ds, nc, zs, bv, hsc, Ds, 1.f, gws + v0 * Ds, Ds, use_blas);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> fused_kd_backward(
+    const at::Tensor& grad_kl, const at::Tensor& grad_ce, const at::Tensor& hs,
+    const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt, const at::Tensor& labels,
+    const at::Tensor& student_lse, const at::Tensor& teacher_lse, const at::Tensor& kl,
+    const at::Tensor& student_lse_t1, double inv_temperature, bool reverse, int64_t ignore_index,
+    int64_t vocab_size, bool need_grad_ws) {
+  const char* fn = "fused_kd_backward";
+  at::Tensor lab = check_common(hs, ws, ht, wt, labels, inv_temperature, vocab_size, fn);
+  const int64_t N = hs.size(0), V = vocab_size;
+  const bool has_labels = lab.defined();
+  at::Tensor gkl = check_row_vector(grad_kl, N, "grad_kl", fn);
+  at::Tensor lss = check_row_vector(student_lse, N, "student_lse", fn);
+  at::Tensor lst = check_row_vector(teacher_lse, N, "teacher_lse", fn);
+  at::Tensor klv = check_row_vector(kl, N, "kl", fn);
+  const bool has_ce = grad_ce.defined() && grad_ce.numel() > 0;
+  at::Tensor gce, l1v;
+  if (has_ce) {
+    gce = check_row_vector(grad_ce, N, "grad_ce", fn);
+    l1v = check_row_vector(student_lse_t1, N, "student_lse_t1", fn);
+    TORCH_CHECK(has_labels, fn, ": grad_ce given but labels are empty");
+    check_label_range(lab, ignore_index, V, fn);
+  }
+
+  at::Tensor grad_hs = at::zeros(hs.sizes(), hs.options().dtype(hs.scalar_type()));
+  at::Tensor grad_ws = need_grad_ws ? at::zeros({ws.size(0), ws.size(1)}, at::TensorOptions().dtype(at::kFloat))
+                                    : at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  if (N == 0) return {grad_hs, grad_ws};
+
+  const float inv_t = static_cast<float>(inv_temperature);
+  const bool use_blas = blas_available();
+  const Operand hs_op(hs), ws_op(ws), ht_op(ht), wt_op(wt);
+  const int64_t Ds = hs_op.D, Dt = ht_op.D;
+  const bool nested = at::in_parallel_region();
+  const int T = nested ? 1 : std::max(1, at::get_num_threads());
+  const int64_t nc_max = std::min(N, kChunkN);
+  std::vector<float> tiles(static_cast<size_t>(T) * 2 * nc_max * kBlockV);
+  std::vector<float> wbuf_s(ws_op.needs_buffer() ? static_cast<size_t>(T) * kBlockV * Ds : 0);
+  std::vector<float> wbuf_t(wt_op.needs_buffer() ? static_cast<size_t>(T) * kBlockV * Dt : 0);
+  std::vector<float> hbuf_s(hs_op.needs_buffer() ? nc_max * Ds : 0);
+  std::vector<float> hbuf_t(ht_op.needs_buffer() ? nc_max * Dt : 0);
+  const Groups gr = make_groups((V + kBlockV - 1) / kBlockV, T, nc_max * Ds * 4);
+  std::vector<float> acc(static_cast<size_t>(gr.G) * nc_max * Ds);
+  std::vector<RowCoef> coef(nc_max);
+
+  const int64_t* labp = has_labels ? lab.data_ptr<int64_t>() : nullptr;
+  const float* gklp = gkl.data_ptr<float>();
+  const float* gcep = has_ce ? gce.data_ptr<float>() : nullptr;
+  const float* lssp = lss.data_ptr<float>();
+  const float* lstp = lst.data_ptr<float>();
+  const float* klp = klv.data_ptr<float>();
+  const float* l1p = has_ce ? l1v.data_ptr<float>() : nullptr;
+  float* gws = need_grad_ws ? grad_ws.data_ptr<float>() : nullptr;
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+
+  for (int64_t n0 = 0; n0 < N; n0 += kChunkN) {
+    const int64_t nc = std::min(kChunkN, N - n0);
+    bool any_kl = false, any_ce = false;
+    for (int64_t i = 0; i < nc; ++i) {
+      const int64_t r = n0 + i;
+      const bool valid = !labp || labp[r] != ignore_index;
+      RowCoef& c = coef[i];
+      c.c_kl = valid ? gklp[r] * inv_t : 0.f;
+      c.c_ce = (valid && has_ce) ? gcep[r] : 0.f;
+      // lse = -inf only when every logit is -inf: then p = 0 everywhere (use 0, not NaN).
+      c.lse_s = std::isinf(lssp[r]) && lssp[r] < 0 ? 0.f : lssp[r];
+      c.lse_t = std::isinf(lstp[r]) && lstp[r] < 0 ? 0.f : lstp[r];
+      c.kl = klp[r];
+      c.lse1 = has_ce ? (std::isinf(l1p[r]) && l1p[r] < 0 ? 0.f : l1p[r]) : 0.f;
+      c.label = (has_ce && valid) ? labp[r] : -1;
+      any_kl = any_kl || c.c_kl != 0.f;
+      any_ce = any_ce || c.c_ce != 0.f;
+    }
+    if (!any_kl && !any_ce) continue;  // e.g. an all-ignored chunk: its gradient is zero
+    const float* hsc = hs_op.rows(n0, nc, hbuf_s.data());
+    const float* htc = any_kl ? ht_op.rows(n0, nc, hbuf_t.data()) : nullptr;
+    // CE mode: 1 = the unscaled softmax equals the scaled one (T == 1), 2 = separate.
+    const int ce_mode = !any_ce ? 0 : (inv_t == 1.f ? 1 : 2);
+#define E3_BWD_CALL(R, C)                                                                          \
+  backward_chunk_tiles<R, C>(ws_op, wt_op, hsc, htc, nc, V, inv_t, coef.data(), any_kl, gws, gr,  \
+                             tiles, wbuf_s, wbuf_t, acc, nc_max, nested, T, use_blas)
+    if (reverse) {
+      if (ce_mode == 0) E3_BWD_CALL(true, 0);
+      else if (ce_mode == 1) E3_BWD_CALL(true, 1);
+      else E3_BWD_CALL(true, 2);
+    } else {
+      if (ce_mode == 0) E3_BWD_CALL(false, 0);
+      else if (ce_mode == 1) E3_BWD_CALL(false, 1);
+      else E3_BWD_CALL(false, 2);
+    }
+#undef E3_BWD_CALL
+    // grad_hs[chunk] = sum of the group slots (fixed order).
+    at::Tensor slots_t = at::from_blob(acc.data(), {gr.G, nc_max, Ds}, fopt).narrow(1, 0, nc);
+    grad_hs.narrow(0, n0, nc).copy_(slots_t.sum(0));
+  }
+  return {grad_hs, grad_ws};
+}
+
+// TORCH_CHECK failures reach Python as RuntimeError with the message only (no C++ backtrace).
+std::vector<at::Tensor> forward_entry(const at::Tensor& hs, const at::Tensor& ws,
+                                      const at::Tensor& ht, const at::Tensor& wt,
+                                      const at::Tensor& labels, double inv_temperature,
+                                      bool reverse, int64_t ignore_index, int64_t vocab_size,
+                                      bool compute_ce) {
+  try {
+    return fused_kd_forward(hs, ws, ht, wt, labels, inv_temperature, reverse, ignore_index,
+                            vocab_size, compute_ce);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+std::vector<at::Tensor> backward_entry(
+    const at::Tensor& grad_kl, const at::Tensor& grad_ce, const at::Tensor& hs,
+    const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt, const at::Tensor& labels,
+    const at::Tensor& student_lse, const at::Tensor& teacher_lse, const at::Tensor& kl,
+    const at::Tensor& student_lse_t1, double inv_temperature, bool reverse, int64_t ignore_index,
+    int64_t vocab_size, bool need_grad_ws) {
+  try {
+    return fused_kd_backward(grad_kl, grad_ce, hs, ws, ht, wt, labels, student_lse, teacher_lse,
+                             kl, student_lse_t1, inv_temperature, reverse, ignore_index,
+                             vocab_size, need_grad_ws);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+pybind11::dict kernel_info() {
+  pybind11::dict d;
+  d["chunk_n"] = kChunkN;
+  d["block_v"] = kBlockV;
+  d["gemm"] = blas_available() ? "sgemm_ (torch's BLAS)" : "at::mm_out";
+  return d;
+}
+
+}  // namespace
+
+void register_fused_kd(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("fused_kd_forward", &forward_entry,
+        "Fused linear KD forward (CPU). Returns [kl, teacher_entropy, student_lse, teacher_lse, "
+        "ce, student_lse_t1], all [N] fp32 (ce and student_lse_t1 empty unless compute_ce).",
+        py::arg("hs"), py::arg("ws"), py::arg("ht"), py::arg("wt"), py::arg("labels"),
+        py::arg("inv_temperature"), py::arg("reverse"), py::arg("ignore_index"),
+        py::arg("vocab_size"), py::arg("compute_ce"), py::call_guard<py::gil_scoped_release>());
+  m.def("fused_kd_backward", &backward_entry,
+        "Fused linear KD backward (CPU). Returns [grad_hs (dtype of hs), grad_ws fp32 [Vs, Ds] "
+        "(rows >= vocab_size zero; empty unless need_grad_ws)].",
+        py::arg("grad_kl"), py::arg("grad_ce"), py::arg("hs"), py::arg("ws"), py::arg("ht"),
+        py::arg("wt"), py::arg("labels"), py::arg("student_lse"), py::arg("teacher_lse"),
+        py::arg("kl"), py::arg("student_lse_t1"), py::arg("inv_temperature"), py::arg("reverse"),
+        py::arg("ignore_index"), py::arg("vocab_size"), py::arg("need_grad_ws"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fused_kd_info", &kernel_info, "Tile sizes and GEMM route of the fused KD CPU kernel.");
+}
+
+E3_REGISTER(register_fused_kd);
+
+}  // namespace fused_kd
+}  // namespace e3
