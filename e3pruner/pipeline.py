@@ -28,7 +28,7 @@ class PruneArgs:
     block_len: int = 256
     batch_size: int = 4
     calib_blocks: int = 4
-    search_tokens: int = 49_152
+    search_tokens: int = 65_536
     recovery_tokens: int = 65_536
     grad_accum: int = 1
     lr: float = 2e-4

@@ -47,6 +47,7 @@ class E3Config:
     init: str = "kl"  # "kl" or "zeros"
     init_scale: float = 1.0
     per_sample: bool = False
+    estimator: str = "score"  # "score" (Plackett-Luce score function) or "st" (straight-through)
     weighting: str = "entropy"
     temperature: float = 1.0
     mc_samples: int = 2048  # Monte-Carlo draws to log per-layer keep probabilities
@@ -139,6 +140,54 @@ def batch_at(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
     return blocks.take(batch_size, start)
 
 
+def plackett_luce_log_prob(alpha: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """log P(order) [B] of drawing the columns `order` [B, k] in that order without
+    replacement, P(i) = softmax(alpha) over the columns not yet drawn. Differentiable in
+    alpha [L]."""
+    a = alpha.float()[None].expand(order.shape[0], -1)
+    sel = a.gather(1, order)
+    total = torch.logsumexp(alpha.float(), 0)
+    prefix = torch.logcumsumexp(sel, 1)
+    before = torch.cat([torch.full_like(prefix[:, :1], float("-inf")), prefix[:, :-1]], 1)
+    # log(sum over remaining) = log(e^total - e^before), stable
+    remaining = total + torch.log1p(-torch.exp(before - total).clamp(max=1 - 1e-7))
+    return (sel - remaining).sum(1)
+
+
+def _score_function_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, seed: int,
+                         offset: int):
+    """One REINFORCE step on E_{m ~ Gumbel-TopK(alpha)}[KD loss of m].
+
+    Every sample b of the batch gets its own hard mask m_b (the Gumbel-TopK draw of row b:
+    top-k of alpha + g_b with the kernel's counter-based noise); the gated student runs
+    forward only (no backward through the model), and
+        d alpha = mean_b (L_b - mean_{b' != b} L_b') d log P_PL(order_b; alpha)
+    (leave-one-out baseline). Unbiased for the expected loss of *hard* masks, which the
+    straight-through slope at m in {0, 1} is not: on SmolLM2 that slope pushed the
+    indispensable last layers out of the mask (docs/design-changes.md).
+    """
+    from e3kernels import gumbel_noise
+
+    rows, n = ids.shape[0], alpha.numel()
+    if rows < 2:
+        raise ValueError("the score-function estimator needs batch_size >= 2")
+    with torch.no_grad():
+        g = gumbel_noise(rows, n, seed=seed, offset=offset, device=alpha.device)
+        z = alpha.detach().float()[None] + g
+        order = torch.sort(z, dim=1, descending=True, stable=True).indices[:, :k]
+        mask = torch.zeros(rows, n, device=alpha.device).scatter_(1, order, 1.0)
+        with autocast(alpha.device, cfg.amp):
+            hs, ht = student_and_teacher_hidden(model, ids, mask)
+        out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature,
+                  reduction="none")
+        per_row = out.loss.reshape(rows, -1).float().mean(1)
+        baseline = (per_row.sum() - per_row) / (rows - 1)
+        adv = per_row - baseline
+    logp = plackett_luce_log_prob(alpha, order)
+    (adv * logp).mean().backward()
+    return mask, per_row.mean().item()
+
+
 @torch.no_grad()
 def keep_probabilities(alpha: torch.Tensor, k: int, samples: int, seed: int, offset: int):
     """Monte-Carlo P(layer kept) under Gumbel-TopK(alpha) sampling: [L]."""
@@ -205,22 +254,27 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
             n_t = curriculum_pruned(step, steps, n_prune, cfg.curriculum)
             tau = exp_anneal(step, steps, cfg.tau_start, cfg.tau_end)
             ids = batch_at(data, step, budget.batch_size).to(device)
-            rows = ids.shape[0] if cfg.per_sample else 1
-            m = gumbel_topk(alpha[None].expand(rows, n), n - n_t, tau=tau,
-                            seed=budget.seed, offset=step)
-            mask = m if cfg.per_sample else m[0]
-            with autocast(device, cfg.amp):
-                hs, ht = student_and_teacher_hidden(model, ids, mask)
-            out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature)
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            if cfg.estimator == "score":
+                m, loss = _score_function_step(model, ids, alpha, n - n_t, weight, cfg,
+                                               seed=budget.seed, offset=step)
+            else:
+                rows = ids.shape[0] if cfg.per_sample else 1
+                m = gumbel_topk(alpha[None].expand(rows, n), n - n_t, tau=tau,
+                                seed=budget.seed, offset=step)
+                mask = m if cfg.per_sample else m[0]
+                with autocast(device, cfg.amp):
+                    hs, ht = student_and_teacher_hidden(model, ids, mask)
+                out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature)
+                out.loss.backward()
+                loss = out.loss.item()
             if cfg.optimizer == "nsgd":
                 alpha.grad /= alpha.grad.norm().clamp_min(1e-12)
             opt.step()
             probs = keep_probabilities(alpha, n - n_prune, cfg.mc_samples,
                                        seed=budget.seed + 7919, offset=step)
             rec = {"step": step, "tokens": (step + 1) * tokens_per_step,
-                   "loss": out.loss.item(), "tau": tau, "n_pruned": n_t,
+                   "loss": loss, "tau": tau, "n_pruned": n_t,
                    "mask": [int(x) for x in (m.detach().float().mean(0) > 0.5)],
                    "alpha": alpha.detach().cpu().tolist(), "keep_prob": probs.cpu().tolist()}
             log.write(rec)

@@ -4,7 +4,13 @@ import torch
 from e3pruner.data import TokenBlocks
 from e3pruner.methods import Budget, PruneData, available_methods, get_method
 from e3pruner.methods.base import check_n_prune, keep_lowest_removed
-from e3pruner.methods.e3 import E3Config, curriculum_pruned, init_logits, skip_one_kl
+from e3pruner.methods.e3 import (
+    E3Config,
+    curriculum_pruned,
+    init_logits,
+    plackett_luce_log_prob,
+    skip_one_kl,
+)
 from tests.pruner.tiny_models import markov_text, tiny_model, word_tokenizer
 
 DEAD = (1, 4)  # layers made exact identities
@@ -55,14 +61,14 @@ def test_shortgpt_finds_identity_layers(family):
     assert sel.scores[1] < 1e-6 and sel.scores[4] < 1e-6
 
 
-@pytest.mark.parametrize("per_sample", [False, True])
-def test_e3_search_finds_identity_layers_from_uninformed_init(per_sample):
+@pytest.mark.parametrize("estimator,batch", [("score", 4), ("st", 2)])
+def test_e3_search_finds_identity_layers_from_uninformed_init(estimator, batch):
     """With init='zeros' (no prior), the search alone must discover the two removable layers."""
     model = _model_with_dead_layers()
     data = _data()
-    cfg = E3Config(init="zeros", per_sample=per_sample, curriculum=0.3)
-    sel = get_method("e3")(model, data, 2, Budget(search_tokens=2 * 32 * 40, batch_size=2,
-                                                  progress=False), config=cfg)
+    cfg = E3Config(init="zeros", estimator=estimator, curriculum=0.3)
+    sel = get_method("e3")(model, data, 2, Budget(search_tokens=batch * 32 * 40,
+                                                  batch_size=batch, progress=False), config=cfg)
     assert sel.removed == list(DEAD), sel.scores
     assert all(p.requires_grad for p in model.parameters())  # restored after the search
 
@@ -79,3 +85,18 @@ def test_keep_lowest_removed_and_checks():
     for bad in (0, 6, 2.5):
         with pytest.raises(ValueError, match="n_prune"):
             check_n_prune(bad, 6)
+
+
+def test_plackett_luce_log_prob_sums_to_one():
+    import itertools
+
+    alpha = torch.tensor([0.3, -1.2, 2.0, 0.1, -0.4], requires_grad=True)
+    orders = torch.tensor(list(itertools.permutations(range(5), 3)))
+    p = plackett_luce_log_prob(alpha, orders).exp()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+    first = torch.softmax(alpha.detach(), 0)
+    direct = first[2] * first[0] / (1 - first[2]) * first[4] / (1 - first[2] - first[0])
+    i = [tuple(o) for o in orders.tolist()].index((2, 0, 4))
+    assert p[i].item() == pytest.approx(direct.item(), rel=1e-5)
+    p.sum().backward()
+    assert alpha.grad.abs().max() < 1e-4  # total probability does not depend on alpha

@@ -142,3 +142,25 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_prune_bundled_model_small_budget(tmp_path):
+    """`e3pruner prune` end to end on the bundled SmolLM2-135M with a tiny budget."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "e3pruner", "prune", "--no-progress", "--out", str(out),
+           "--block-len", "128", "--batch-size", "2", "--calib-blocks", "1",
+           "--search-tokens", "512", "--recovery-tokens", "256", "--eval-tokens", "1024",
+           "--eval-ctx", "256"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "teacher held-out perplexity" in res.stdout and "after recovery" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_layers"] == 30 and report["pruned_layers"] == 8
+    assert len(report["kept_layers"]) == 22
+    assert report["tokens"] == {"search": 512, "recovery": 256}
+    assert report["ppl"]["pruned_before_recovery"] > report["ppl"]["teacher"]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 22
