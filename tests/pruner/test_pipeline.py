@@ -164,3 +164,39 @@ def test_cli_prune_bundled_model_small_budget(tmp_path):
     assert report["ppl"]["pruned_before_recovery"] > report["ppl"]["teacher"]
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 22
+
+
+@pytest.mark.parametrize("scope,teacher", [("endpoints", "cache"), ("full", "live")])
+def test_recovery_scopes_and_teacher_cache(tmp_path, scope, teacher):
+    from e3pruner.data import TokenBlocks, tokenize_stream
+    from e3pruner.distill import RecoveryConfig, endpoint_layers, make_student, recover
+    from e3pruner.methods.base import PruneData
+    from tests.pruner.tiny_models import markov_text, tiny_model, word_tokenizer
+
+    model = tiny_model("qwen2")
+    stream = tokenize_stream(markov_text(60, seed=4).split("\n\n"), word_tokenizer())
+    blocks = TokenBlocks(stream, 32, seed=0)
+    data = PruneData(calib=blocks.take(2, 0), blocks=blocks, train_start=2)
+    keep = [0, 1, 3, 5]
+    assert endpoint_layers(keep, 6) == [1, 2, 3]  # kept 1 (before cut 2), 3 (around 4), 5 (after 4)
+    student = make_student(model, keep)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = RecoveryConfig(tokens=2 * 32 * 6, batch_size=2, lr=1e-3, scope=scope, teacher=teacher,
+                         cache_topk=16, amp=None)
+    student, summary = recover(student, model, data, cfg, keep=keep, run_dir=str(tmp_path),
+                               progress=False)
+    assert summary["steps"] == 6 and summary["tokens"] == 384
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    if scope == "endpoints":
+        assert changed and all(k.startswith(("model.layers.1.", "model.layers.2.", "model.layers.3."))
+                               for k in changed)
+        assert (tmp_path / "teacher_cache" / "index.json").is_file()
+    else:
+        assert any(k.startswith("model.layers.0.") for k in changed)
+        assert not any("embed_tokens" in k for k in changed)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and all(np_isfinite(v) for v in losses)
+
+
+def np_isfinite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
