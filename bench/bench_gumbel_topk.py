@@ -23,23 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 import e3kernels  # noqa: E402
 from e3kernels import gumbel_topk  # noqa: E402
 
 SHAPES = [(1, 64), (4096, 64), (65536, 64)]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(dev: torch.device) -> None:
@@ -105,7 +97,7 @@ def main() -> None:
     info = {
         "op": "gumbel_topk forward+backward",
         "device_type": dev.type,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "backend": backend,
         "baseline": "reference (e3kernels.reference.gumbel_topk_ref, autograd)",
         "torch": torch.__version__,

@@ -29,9 +29,9 @@ class PruneArgs:
     batch_size: int = 4
     calib_blocks: int = 4
     search_tokens: int = 65_536
-    recovery_tokens: int = 65_536
+    recovery_tokens: int = 98_304
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float = 4e-4
     search_lr: float = 0.1
     scope: str = "full"
     teacher: str = "live"
