@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from e3pruner.export import remove_layers_inplace
 from e3pruner.hidden import final_hidden
 from e3pruner.methods.base import PruneData
-from e3pruner.methods.e3 import batch_at
+from e3pruner.methods.e3 import batch_at, batch_rows
 from e3pruner.models.families import decoder_layers, embed_tokens, lm_head
 from e3pruner.train import (
     Checkpointer,
@@ -217,9 +218,8 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
     if cfg.teacher == "cache":
         if run_dir is None:
             raise ValueError("teacher='cache' needs a run directory to store the cache")
-        rows = [data.train_start + (i % ((len(data.blocks) - data.train_start) // cfg.batch_size))
-                * cfg.batch_size for i in range(steps * cfg.grad_accum)]
-        needed = sorted({int(data.blocks.order[r + j]) for r in rows for j in range(cfg.batch_size)})
+        needed = sorted({int(b) for i in range(steps * cfg.grad_accum)
+                         for b in batch_rows(data, i, cfg.batch_size)})
         path = build_teacher_cache(teacher, data.blocks.blocks[needed], f"{run_dir}/teacher_cache",
                                    cfg.cache_topk, cfg.batch_size, progress=progress)
         cache = TeacherCache(path)
@@ -246,8 +246,6 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
     bar = tqdm(total=steps, initial=start, desc="recovery (KD)", unit="step",
                disable=not progress)
     loss_val = float("nan")
-    import time
-
     t_start = time.time()
     for step in range(start, steps):
         lr = cosine_lr(step, steps, cfg.lr, warmup, cfg.min_lr)
@@ -268,10 +266,7 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
                                            temperature=cfg.temperature, kl=cfg.kl,
                                            weighting=cfg.weighting, reduction="sum")
             else:
-                free = len(data.blocks) - data.train_start
-                start_row = data.train_start + (idx % (free // cfg.batch_size)) * cfg.batch_size
-                rows = [cache_row[int(data.blocks.order[start_row + j])]
-                        for j in range(cfg.batch_size)]
+                rows = [cache_row[int(b)] for b in batch_rows(data, idx, cfg.batch_size)]
                 t_ids, t_lp = cache.get(rows)
                 out = fused_linear_kd_loss_topk(hs2, ws, t_ids.reshape(hs2.shape[0], -1).to(device),
                                                 t_lp.reshape(hs2.shape[0], -1).to(device),

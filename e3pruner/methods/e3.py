@@ -129,15 +129,19 @@ def curriculum_pruned(step: int, total: int, n_prune: int, frac: float) -> int:
     return 1 + int((n_prune - 1) * step / ramp)
 
 
-def batch_at(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
-    """Deterministic batch for a step (cycling over the free blocks), so resume is exact."""
-    blocks = data.blocks
-    free = len(blocks) - data.train_start
+def batch_rows(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
+    """Block indices [batch_size] of a step's batch (cycling over the free blocks), so the
+    data of every step is fixed by the step number and resume is exact."""
+    free = len(data.blocks) - data.train_start
     if free < batch_size:
-        raise ValueError(f"search needs at least {batch_size} free blocks, have {free}")
-    n_batches = free // batch_size
-    start = data.train_start + (step % n_batches) * batch_size
-    return blocks.take(batch_size, start)
+        raise ValueError(f"need at least {batch_size} free blocks, have {free}")
+    start = data.train_start + (step % (free // batch_size)) * batch_size
+    return data.blocks.order[start:start + batch_size]
+
+
+def batch_at(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
+    """The [batch_size, block_len] tokens of a step's batch (see batch_rows)."""
+    return data.blocks.blocks[batch_rows(data, step, batch_size)]
 
 
 def plackett_luce_log_prob(alpha: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
