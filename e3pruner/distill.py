@@ -10,6 +10,9 @@ train_embeddings=True), "endpoints" (the kept layers adjacent to each removed se
 cutoff endpoint tuning), "lora" (peft adapters on the decoder layers, merged at the end).
 Gradient accumulation: each micro-batch's loss is a token sum divided by the number of
 tokens in the whole optimizer step, so the update equals that of one big batch.
+Under torchrun (see distributed.py) each rank trains on its B / world_size rows of every
+micro-batch; DDP or FSDP averages the gradients, so the update is again that of the
+whole batch, and the run matches a single-process run up to float rounding.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from e3pruner.distributed import SINGLE, DistContext
 from e3pruner.export import remove_layers_inplace
 from e3pruner.hidden import final_hidden
 from e3pruner.methods.base import PruneData
@@ -192,13 +198,96 @@ class TeacherCache:
 
 
 # ---------------------------------------------------------------- the recovery loop
+class _FinalHidden(nn.Module):
+    """The student's final hidden states as a module forward, so DDP sees the call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return final_hidden(self.model, ids)
+
+
+def _parallelize(student, params, cfg: RecoveryConfig, dist: DistContext):
+    """(forward callable, no_sync context factory) for the student under `dist`."""
+    if not dist.enabled:
+        return (lambda ids: final_hidden(student, ids)), nullcontext
+    if dist.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(_FinalHidden(student))
+        return ddp, ddp.no_sync
+    if cfg.scope == "lora":
+        raise ValueError("--parallel fsdp supports the full and endpoints scopes; use ddp "
+                         "with lora")
+    from torch.distributed.fsdp import fully_shard
+
+    from e3pruner.models.families import final_norm
+
+    trainable = {id(p) for p in params}
+    for mod in list(decoder_layers(student)) + [final_norm(student)]:
+        if any(id(p) in trainable for p in mod.parameters()):
+            fully_shard(mod)
+    if cfg.train_embeddings:
+        raise ValueError("--parallel fsdp keeps the embedding and head replicated; use ddp "
+                         "to train them")
+    return (lambda ids: final_hidden(student, ids)), nullcontext
+
+
+def _full_params(student, names: dict, params) -> dict[str, torch.Tensor]:
+    """{name: full tensor on CPU} of the trainable params (gathers FSDP shards)."""
+    from torch.distributed.tensor import DTensor
+
+    return {names[id(p)]: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for p in params}
+
+
+def _load_params_(params, names: dict, saved: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for p in params:
+            full = saved[names[id(p)]].to(p.device, p.dtype)
+            if isinstance(p, DTensor):
+                full = distribute_tensor(full, p.device_mesh, p.placements)
+            p.copy_(full)
+
+
+def _optimizer_state(student, opt, dist: DistContext) -> dict:
+    if dist.enabled and dist.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(student, opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def _load_optimizer_state(student, opt, state: dict, dist: DistContext) -> None:
+    if dist.enabled and dist.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(student, opt, state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
 def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: list[int],
             seed: int = 0, run_dir: str | None = None, resume: bool = False,
-            checkpoint_every: int = 50, progress: bool = True):
-    """Train `student` (in place) to match `teacher`. Returns (student, summary dict)."""
+            checkpoint_every: int = 50, progress: bool = True, dist: DistContext = SINGLE):
+    """Train `student` (in place) to match `teacher`. Returns (student, summary dict);
+    under FSDP the returned student is a plain (unsharded) copy."""
     from e3kernels import fused_linear_kd_loss, fused_linear_kd_loss_topk
 
     cfg.validate()
+    dist.check_divides(cfg.batch_size, "batch_size")
     original_layers = len(decoder_layers(teacher))
     tokens_per_step = cfg.batch_size * cfg.grad_accum * data.blocks.block_len
     steps = cfg.tokens // tokens_per_step
@@ -209,9 +298,14 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
         p.requires_grad_(False)
     student.train()
     device = next(student.parameters()).device
+    names = {id(p): n for n, p in student.named_parameters()}
+    student_forward, no_sync = _parallelize(student, params, cfg, dist)
+    if dist.enabled and dist.strategy == "fsdp":  # fully_shard swapped in DTensor params
+        by_name = dict(student.named_parameters())
+        params = [by_name[names[id(p)]] for p in params]
+        names = {id(p): n for n, p in student.named_parameters()}
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))
-    names = {id(p): n for n, p in student.named_parameters()}
     warmup = max(1, int(cfg.warmup * steps))
 
     cache = None
@@ -220,21 +314,23 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
             raise ValueError("teacher='cache' needs a run directory to store the cache")
         needed = sorted({int(b) for i in range(steps * cfg.grad_accum)
                          for b in batch_rows(data, i, cfg.batch_size)})
-        path = build_teacher_cache(teacher, data.blocks.blocks[needed], f"{run_dir}/teacher_cache",
-                                   cfg.cache_topk, cfg.batch_size, progress=progress)
+        path = Path(f"{run_dir}/teacher_cache")
+        with dist.main_first():
+            if dist.is_main:
+                build_teacher_cache(teacher, data.blocks.blocks[needed], path, cfg.cache_topk,
+                                    cfg.batch_size, progress=progress)
         cache = TeacherCache(path)
         cache_row = {b: i for i, b in enumerate(needed)}
 
-    ckpt = Checkpointer(f"{run_dir}/recovery_ckpt.pt" if run_dir else None, checkpoint_every)
-    log = MetricsLog(f"{run_dir}/metrics.jsonl" if run_dir else None, "recovery")
+    ckpt = Checkpointer(f"{run_dir}/recovery_ckpt.pt" if run_dir else None, checkpoint_every,
+                        write=dist.is_main)
+    log = MetricsLog(f"{run_dir}/metrics.jsonl" if run_dir and dist.is_main else None,
+                     "recovery")
     start = 0
     state = ckpt.load() if resume else None
     if state is not None:
-        by_name = dict(student.named_parameters())
-        with torch.no_grad():
-            for name, t in state["params"].items():
-                by_name[name].copy_(t)
-        opt.load_state_dict(state["optimizer"])
+        _load_params_(params, names, state["params"])
+        _load_optimizer_state(student, opt, state["optimizer"], dist)
         start = state["step"]
         set_rng_state(state["rng"])
         log.truncate_after(start - 1)
@@ -244,7 +340,7 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
     ws = lm_head(student).weight
     wt = lm_head(teacher).weight
     bar = tqdm(total=steps, initial=start, desc="recovery (KD)", unit="step",
-               disable=not progress)
+               disable=not (progress and dist.is_main))
     loss_val = float("nan")
     t_start = time.time()
     for step in range(start, steps):
@@ -255,9 +351,10 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
         total = 0.0
         for micro in range(cfg.grad_accum):
             idx = step * cfg.grad_accum + micro
-            ids = batch_at(data, idx, cfg.batch_size).to(device)
-            with autocast(device, cfg.amp):
-                hs = final_hidden(student, ids)
+            ids = dist.shard(batch_at(data, idx, cfg.batch_size)).to(device)
+            sync = micro == cfg.grad_accum - 1
+            with (nullcontext() if sync else no_sync()), autocast(device, cfg.amp):
+                hs = student_forward(ids)
             hs2 = hs.reshape(-1, hs.shape[-1])
             if cache is None:
                 with torch.no_grad(), autocast(device, cfg.amp):
@@ -266,17 +363,21 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
                                            temperature=cfg.temperature, kl=cfg.kl,
                                            weighting=cfg.weighting, reduction="sum")
             else:
-                rows = [cache_row[int(b)] for b in batch_rows(data, idx, cfg.batch_size)]
+                rows = [cache_row[int(b)]
+                        for b in dist.shard(batch_rows(data, idx, cfg.batch_size))]
                 t_ids, t_lp = cache.get(rows)
                 out = fused_linear_kd_loss_topk(hs2, ws, t_ids.reshape(hs2.shape[0], -1).to(device),
                                                 t_lp.reshape(hs2.shape[0], -1).to(device),
                                                 temperature=cfg.temperature,
                                                 weighting=cfg.weighting, reduction="sum")
             loss = out.loss / (cfg.grad_accum * ids.numel())
-            loss.backward()
+            with nullcontext() if sync else no_sync():
+                loss.backward()
             total += loss.item()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         opt.step()
+        total = dist.all_reduce_sum_(torch.tensor([total], dtype=torch.float64)).item() / dist.world_size
         loss_val = total
         done = (step + 1) * tokens_per_step
         elapsed = max(1e-9, time.time() - t_start)
@@ -286,13 +387,19 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
                         tok_s=f"{(step + 1 - start) * tokens_per_step / elapsed:.0f}")
         bar.update(1)
         if ckpt.due(step + 1, last=step + 1 == steps):
-            ckpt.save({"step": step + 1, "optimizer": opt.state_dict(), "rng": rng_state(),
-                       "params": {names[id(p)]: p.detach().cpu() for p in params}})
+            ckpt.save({"step": step + 1, "optimizer": _optimizer_state(student, opt, dist),
+                       "rng": rng_state(), "params": _full_params(student, names, params)})
     bar.close()
+    if dist.enabled and dist.strategy == "fsdp":
+        full = _full_params(student, names, params)
+        student = make_student(teacher, keep)
+        student.load_state_dict(full, strict=False)
+        params = list(full.values())
     if cfg.scope == "lora":
         student = student.merge_and_unload()
     for p in student.parameters():
         p.requires_grad_(False)
     student.eval()
     return student, {"steps": steps, "tokens": steps * tokens_per_step, "final_loss": loss_val,
-                     "trainable_params": sum(p.numel() for p in params), "config": asdict(cfg)}
+                     "trainable_params": sum(p.numel() for p in params), "config": asdict(cfg),
+                     "processes": dist.world_size, "parallel": dist.strategy if dist.enabled else None}

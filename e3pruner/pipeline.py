@@ -4,6 +4,8 @@ Every phase stores its result in RUN/state.json (atomically) as soon as it finis
 long phases (mask search, recovery) also checkpoint every N steps. `--resume` skips the
 finished phases and continues the interrupted one from its last checkpoint, so an
 interrupted run ends with the same mask, metrics and weights as an uninterrupted one.
+Under torchrun every rank runs this function; rank 0 alone evaluates, writes and prints
+(its results are broadcast), the search and recovery split each batch across ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from e3pruner.distributed import SINGLE, DistContext
 from e3pruner.train import atomic_write_text, seed_everything
 
 
@@ -47,6 +50,7 @@ class PruneArgs:
     resume: bool = False
     overwrite: bool = False
     checkpoint_every: int = 25
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" for recovery
     baseline: bool = True
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -124,8 +128,9 @@ def validate(args: PruneArgs) -> tuple[int, int]:
 
 
 class RunState:
-    def __init__(self, run_dir: Path, fresh: bool):
+    def __init__(self, run_dir: Path, fresh: bool, write: bool = True):
         self.path = run_dir / "state.json"
+        self.write = write
         self.data = {} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
 
     def get(self, key):
@@ -133,10 +138,11 @@ class RunState:
 
     def set(self, key, value) -> None:
         self.data[key] = value
-        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+        if self.write:
+            atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
-def run_prune(args: PruneArgs, log=print) -> dict:
+def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
     from e3pruner.data import TokenBlocks, token_stream
     from e3pruner.distill import RecoveryConfig, make_student, recover
     from e3pruner.evaluate import perplexity
@@ -149,12 +155,23 @@ def run_prune(args: PruneArgs, log=print) -> dict:
     from e3pruner.train import MetricsLog
 
     t0 = time.time()
-    n_layers, n_prune = validate(args)
+    if not dist.is_main:
+        log = lambda *_a, **_k: None  # noqa: E731
     run = Path(args.out)
-    if args.overwrite and not args.resume:
-        for name in ("state.json", "metrics.jsonl", "search_ckpt.pt", "recovery_ckpt.pt"):
-            (run / name).unlink(missing_ok=True)
-    state = RunState(run, fresh=not args.resume)
+    checked: tuple = (None, None, None)
+    if dist.is_main:  # rank 0 validates and clears --out; the others wait for its verdict
+        try:
+            checked = (*validate(args), None)
+            if args.overwrite and not args.resume:
+                for name in ("state.json", "metrics.jsonl", "search_ckpt.pt", "recovery_ckpt.pt"):
+                    (run / name).unlink(missing_ok=True)
+        except PruneError as err:
+            checked = (None, None, str(err))
+    n_layers, n_prune, error = dist.broadcast(checked)
+    if error:
+        raise PruneError(error)
+    dist.check_divides(args.batch_size, "--batch-size")
+    state = RunState(run, fresh=not args.resume, write=dist.is_main)
     if args.resume and state.get("args"):
         old = state.get("args")
         keys = ("model", "data", "block_len", "batch_size", "seed", "search_tokens",
@@ -178,16 +195,17 @@ def run_prune(args: PruneArgs, log=print) -> dict:
     heldout = token_stream(args.heldout, tok)[: args.eval_tokens]
 
     def ppl(m) -> float:
-        return perplexity(m, heldout, args.eval_ctx, batch_size=4,
-                          progress=args.progress)["ppl"]
+        value = (perplexity(m, heldout, args.eval_ctx, batch_size=4,
+                            progress=args.progress)["ppl"] if dist.is_main else None)
+        return dist.broadcast(value)
 
     if state.get("teacher_ppl") is None:
         state.set("teacher_ppl", ppl(model))
     log(f"teacher held-out perplexity: {state.get('teacher_ppl'):.3f}")
 
     budget = Budget(search_tokens=args.search_tokens, batch_size=args.batch_size,
-                    seed=args.seed, progress=args.progress, run_dir=str(run),
-                    resume=args.resume, checkpoint_every=args.checkpoint_every)
+                    seed=args.seed, progress=args.progress and dist.is_main, run_dir=str(run),
+                    resume=args.resume, checkpoint_every=args.checkpoint_every, dist=dist)
     t_search = time.time()
     if state.get("search") is None:
         cfg = E3Config(lr=args.search_lr, per_sample=args.per_sample, weighting=args.weighting,
@@ -204,7 +222,7 @@ def run_prune(args: PruneArgs, log=print) -> dict:
 
     if args.baseline and state.get("shortgpt") is None:
         t = time.time()
-        base = get_method("shortgpt")(model, data, n_prune, budget)
+        base = get_method("shortgpt")(model, data, n_prune, budget)  # cheap: every rank
         with torch.no_grad(), gated(model, base.mask(args.device)):
             base_ppl = ppl(model)
         remove_gates(model)
@@ -219,12 +237,15 @@ def run_prune(args: PruneArgs, log=print) -> dict:
     student, rec_summary = recover(student, model, data, rec_cfg, keep=sel.keep, seed=args.seed,
                                    run_dir=str(run), resume=args.resume,
                                    checkpoint_every=args.checkpoint_every,
-                                   progress=args.progress)
+                                   progress=args.progress, dist=dist)
     rec_summary["seconds"] = time.time() - t_rec
     if state.get("ppl_after") is None or state.get("recovery") is None:
         state.set("recovery", rec_summary)
         state.set("ppl_after", ppl(student) if rec_summary["steps"] else state.get("ppl_before"))
 
+    if not dist.is_main:
+        dist.barrier()  # rank 0 exports and reports
+        return {}
     n_params = sum(p.numel() for p in model.parameters())
     n_params_pruned = sum(p.numel() for p in student.parameters())
     export_dir = export_pruned(student, list(range(len(sel.keep))), run / "model", tok, info={
@@ -257,6 +278,7 @@ def run_prune(args: PruneArgs, log=print) -> dict:
         "num_layers": n_layers, "pruned_layers": n_prune, "kept_layers": sel.keep,
         "removed_layers": sel.removed, "params": n_params, "params_pruned": n_params_pruned,
         "heldout": {"data": args.heldout, "tokens": int(heldout.numel()), "ctx": args.eval_ctx},
+        "processes": dist.world_size,
         "ppl": {"teacher": state.get("teacher_ppl"), "pruned_before_recovery": state.get("ppl_before"),
                 "pruned_after_recovery": state.get("ppl_after")},
         "shortgpt": None if not state.get("shortgpt") else {
@@ -272,6 +294,7 @@ def run_prune(args: PruneArgs, log=print) -> dict:
     }
     atomic_write_text(run / "report.json", json.dumps(report, indent=2))
     log(format_table(report))
+    dist.barrier()
     return report
 
 

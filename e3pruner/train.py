@@ -60,15 +60,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 class Checkpointer:
     """`save(state)` every `every` steps (atomically); `load()` the latest or None."""
 
-    def __init__(self, path: str | Path | None, every: int = 50):
+    def __init__(self, path: str | Path | None, every: int = 50, write: bool = True):
         self.path = Path(path) if path else None
         self.every = max(1, int(every))
+        self.write = write  # False on every torchrun rank but 0 (they only load)
 
     def due(self, step: int, last: bool = False) -> bool:
         return self.path is not None and (last or step % self.every == 0)
 
     def save(self, state: dict) -> None:
-        if self.path is not None:
+        if self.path is not None and self.write:
             atomic_torch_save(state, self.path)
 
     def load(self) -> dict | None:

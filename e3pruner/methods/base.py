@@ -6,16 +6,22 @@
 calibration batch plus the token blocks to search/train on), `n_prune` the number of
 layers to remove, `budget` the token budget and seeds. Methods register a name with
 `@register("name")`; `get_method(name)` returns the callable.
+
+A method that defines its own recovery registers it as RecoveryConfig overrides:
+`@register("clp", recovery={"scope": "endpoints"})`; `method_recovery(name)` returns them
+(an empty dict: the default full-model KD recovery).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from e3pruner.data import TokenBlocks
+from e3pruner.distributed import SINGLE, DistContext
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Budget:
     run_dir: str | None = None  # where a method may checkpoint and log
     resume: bool = False
     checkpoint_every: int = 50
+    dist: DistContext = SINGLE  # torchrun data parallelism (methods that support it)
 
 
 @dataclass
@@ -59,14 +66,22 @@ class Selection:
 
 
 _METHODS: dict[str, Callable[..., Selection]] = {}
+_RECOVERY: dict[str, dict] = {}
 
 
-def register(name: str):
+def register(name: str, *, recovery: dict | None = None):
     def deco(fn):
         _METHODS[name] = fn
+        _RECOVERY[name] = dict(recovery or {})
         return fn
 
     return deco
+
+
+def method_recovery(name: str) -> dict:
+    """RecoveryConfig field overrides the method defines (e.g. CLP: endpoint tuning)."""
+    get_method(name)
+    return dict(_RECOVERY[name])
 
 
 def get_method(name: str) -> Callable[..., Selection]:
@@ -95,3 +110,25 @@ def keep_lowest_removed(scores: torch.Tensor, n_prune: int) -> list[int]:
     order = sorted(range(scores.numel()), key=lambda i: (float(scores[i]), -i))
     removed = set(order[:n_prune])
     return [i for i in range(scores.numel()) if i not in removed]
+
+
+@contextmanager
+def preserved_model_state(model):
+    """Run a selection without leaving a trace on the model: restores every parameter's
+    requires_grad and .grad, whether layer gates were installed, and their mask."""
+    from e3pruner.gates import _STATE, remove_gates
+
+    params = list(model.parameters())
+    saved = [(p.requires_grad, p.grad) for p in params]
+    gate_state = getattr(model, _STATE, None)
+    mask = None if gate_state is None else gate_state.mask
+    try:
+        yield model
+    finally:
+        for p, (flag, grad) in zip(params, saved):
+            p.requires_grad_(flag)
+            p.grad = grad
+        if gate_state is None:
+            remove_gates(model)
+        else:
+            gate_state.mask = mask

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from e3pruner.distributed import SINGLE, DistContext
 from e3pruner.gates import gated
 from e3pruner.hidden import (
     final_hidden,
@@ -62,11 +63,13 @@ def _kd(hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor, **kw):
 
 
 @torch.no_grad()
-def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool = True):
+def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool = True,
+                dist: DistContext = SINGLE):
     """[L] mean per-token KL(teacher || model without layer l), one layer at a time.
 
     One teacher pass records every layer's input; skipping layer l then only runs layers
-    l+1..L-1 from the recorded input of l (half the teacher cost on average).
+    l+1..L-1 from the recorded input of l (half the teacher cost on average). Under
+    torchrun each rank takes every world_size-th micro-batch and the sums are reduced.
     """
     layers = decoder_layers(model)
     n = len(layers)
@@ -74,9 +77,10 @@ def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool 
     weight = lm_head(model).weight
     kl_sum = torch.zeros(n, dtype=torch.float64)
     count = 0
-    bar = tqdm(total=n * ((calib.shape[0] + batch_size - 1) // batch_size),
-               desc="init: skip-one KL", disable=not progress, leave=False)
-    for i in range(0, calib.shape[0], batch_size):
+    starts = list(range(0, calib.shape[0], batch_size))
+    mine = [starts[j] for j in dist.strided(len(starts))]
+    bar = tqdm(total=n * len(mine), desc="init: skip-one KL", disable=not progress, leave=False)
+    for i in mine:
         ids = calib[i:i + batch_size].to(device)
         inputs: dict[int, torch.Tensor] = {}
         handles = [layer.register_forward_pre_hook(
@@ -101,7 +105,8 @@ def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool 
             bar.update(1)
         count += ids.numel()
     bar.close()
-    return (kl_sum / count).float()
+    totals = dist.all_reduce_sum_(torch.cat([kl_sum, torch.tensor([float(count)], dtype=torch.float64)]))
+    return (totals[:n] / totals[n]).float()
 
 
 def init_logits(kl: torch.Tensor, scale: float) -> torch.Tensor:
@@ -159,7 +164,7 @@ def plackett_luce_log_prob(alpha: torch.Tensor, order: torch.Tensor) -> torch.Te
 
 
 def _score_function_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, seed: int,
-                         offset: int):
+                         offset: int, dist: DistContext = SINGLE):
     """One REINFORCE step on E_{m ~ Gumbel-TopK(alpha)}[KD loss of m].
 
     Every sample b of the batch gets its own hard mask m_b (the Gumbel-TopK draw of row b:
@@ -169,6 +174,8 @@ def _score_function_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, se
     (leave-one-out baseline). Unbiased for the expected loss of *hard* masks, which the
     straight-through slope at m in {0, 1} is not: on SmolLM2 that slope pushed the
     indispensable last layers out of the mask (docs/design-changes.md).
+    Under torchrun every rank draws all B masks, runs its B / world_size rows and gathers
+    the per-row losses, so every rank computes the same gradient (no all-reduce needed).
     """
     from e3kernels import gumbel_noise
 
@@ -181,10 +188,10 @@ def _score_function_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, se
         order = torch.sort(z, dim=1, descending=True, stable=True).indices[:, :k]
         mask = torch.zeros(rows, n, device=alpha.device).scatter_(1, order, 1.0)
         with autocast(alpha.device, cfg.amp):
-            hs, ht = student_and_teacher_hidden(model, ids, mask)
+            hs, ht = student_and_teacher_hidden(model, dist.shard(ids), dist.shard(mask))
         out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature,
                   reduction="none")
-        per_row = out.loss.reshape(rows, -1).float().mean(1)
+        per_row = dist.all_gather_cat(out.loss.reshape(hs.shape[0], -1).float().mean(1))
         baseline = (per_row.sum() - per_row) / (rows - 1)
         adv = per_row - baseline
     logp = plackett_luce_log_prob(alpha, order)
@@ -211,6 +218,8 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     layers = decoder_layers(model)
     n = len(layers)
     check_n_prune(n_prune, n)
+    dist = budget.dist
+    dist.check_divides(budget.batch_size, "batch_size")
     if data.blocks is None:
         raise ValueError("e3 needs training blocks (PruneData.blocks) for the mask search")
     device = next(model.parameters()).device
@@ -219,8 +228,9 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     weight = lm_head(model).weight
 
     run = budget.run_dir
-    ckpt = Checkpointer(f"{run}/search_ckpt.pt" if run else None, budget.checkpoint_every)
-    log = MetricsLog(f"{run}/metrics.jsonl" if run else None, "search")
+    ckpt = Checkpointer(f"{run}/search_ckpt.pt" if run else None, budget.checkpoint_every,
+                        write=dist.is_main)
+    log = MetricsLog(f"{run}/metrics.jsonl" if run and dist.is_main else None, "search")
 
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -237,7 +247,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
         log.truncate_after(start - 1)
     else:
         if cfg.init == "kl":
-            init_kl = skip_one_kl(model, data.calib, budget.batch_size, budget.progress)
+            init_kl = skip_one_kl(model, data.calib, budget.batch_size, budget.progress, dist)
             alpha0 = init_logits(init_kl, cfg.init_scale)
         elif cfg.init == "zeros":
             init_kl = None
@@ -252,7 +262,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
                    "alpha": alpha.detach().cpu().tolist()})
 
     bar = tqdm(total=steps, initial=start, desc="e3 mask search", unit="step",
-               disable=not budget.progress)
+               disable=not (budget.progress and dist.is_main))
     try:
         for step in range(start, steps):
             n_t = curriculum_pruned(step, steps, n_prune, cfg.curriculum)
@@ -261,17 +271,18 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
             opt.zero_grad(set_to_none=True)
             if cfg.estimator == "score":
                 m, loss = _score_function_step(model, ids, alpha, n - n_t, weight, cfg,
-                                               seed=budget.seed, offset=step)
+                                               seed=budget.seed, offset=step, dist=dist)
             else:
                 rows = ids.shape[0] if cfg.per_sample else 1
                 m = gumbel_topk(alpha[None].expand(rows, n), n - n_t, tau=tau,
                                 seed=budget.seed, offset=step)
-                mask = m if cfg.per_sample else m[0]
+                mask = dist.shard(m) if cfg.per_sample else m[0]
                 with autocast(device, cfg.amp):
-                    hs, ht = student_and_teacher_hidden(model, ids, mask)
+                    hs, ht = student_and_teacher_hidden(model, dist.shard(ids), mask)
                 out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature)
                 out.loss.backward()
-                loss = out.loss.item()
+                dist.average_grads_([alpha])
+                loss = dist.all_reduce_sum_(out.loss.detach().reshape(1)).item() / dist.world_size
             if cfg.optimizer == "nsgd":
                 alpha.grad /= alpha.grad.norm().clamp_min(1e-12)
             opt.step()
