@@ -293,7 +293,12 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
     steps = cfg.tokens // tokens_per_step
     if steps == 0:
         return student, {"steps": 0, "tokens": 0, "config": asdict(cfg)}
-    student, params = set_trainable(student, cfg, keep, original_layers)
+    peft_model = None
+    if cfg.scope == "lora":  # LoRA layers are injected in place; the wrapper merges at the end
+        peft_model, params = set_trainable(student, cfg, keep, original_layers)
+        student = peft_model.get_base_model()
+    else:
+        student, params = set_trainable(student, cfg, keep, original_layers)
     for p in teacher.parameters():
         p.requires_grad_(False)
     student.train()
@@ -395,8 +400,8 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
         student = make_student(teacher, keep)
         student.load_state_dict(full, strict=False)
         params = list(full.values())
-    if cfg.scope == "lora":
-        student = student.merge_and_unload()
+    if peft_model is not None:
+        student = peft_model.merge_and_unload()
     for p in student.parameters():
         p.requires_grad_(False)
     student.eval()

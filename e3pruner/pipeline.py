@@ -81,9 +81,7 @@ def resolve_n_prune(n_layers: int, prune_layers: int | None, ratio: float | None
 
 def validate(args: PruneArgs) -> tuple[int, int]:
     """Check everything that can be checked before loading weights; returns (L, n)."""
-    from transformers import AutoConfig
-
-    from e3pruner.models import adapter_for_config, parse_dtype, resolve_model_path
+    from e3pruner.models import parse_dtype
 
     if args.ratio is not None and not 0 < args.ratio < 1:
         raise PruneError(f"--ratio must be in (0, 1), got {args.ratio}")
@@ -105,10 +103,17 @@ def validate(args: PruneArgs) -> tuple[int, int]:
         raise PruneError(f"--scope must be full, endpoints or lora, got {args.scope!r}")
     if args.teacher not in ("live", "cache"):
         raise PruneError(f"--teacher must be live or cache, got {args.teacher!r}")
-    out = Path(args.out)
+    check_out_dir(args.out, args.resume, args.overwrite)
+    n_layers = model_num_layers(args.model)
+    return n_layers, resolve_n_prune(n_layers, args.prune_layers, args.ratio)
+
+
+def check_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """`out` is (or can be made) a writable directory that holds no run unless resuming."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise PruneError(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise PruneError(f"--out {out} already holds a run: pass --resume to continue it or "
                          "--overwrite to start over")
     try:
@@ -118,13 +123,21 @@ def validate(args: PruneArgs) -> tuple[int, int]:
         probe.unlink()
     except OSError as err:
         raise PruneError(f"--out {out} is not writable: {err}") from err
+    return out
+
+
+def model_num_layers(model: str) -> int:
+    """Decoder layers of a supported model, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from e3pruner.models import adapter_for_config, resolve_model_path
+
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+        config = AutoConfig.from_pretrained(resolve_model_path(model))
     except (OSError, ValueError) as err:
-        raise PruneError(f"cannot read the config of --model {args.model!r}: {err}") from err
+        raise PruneError(f"cannot read the config of --model {model!r}: {err}") from err
     adapter_for_config(config)
-    n_layers = config.num_hidden_layers
-    return n_layers, resolve_n_prune(n_layers, args.prune_layers, args.ratio)
+    return config.num_hidden_layers
 
 
 class RunState:
@@ -142,13 +155,28 @@ class RunState:
             atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
-def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
+def prepare_data(args, tok):
+    """(PruneData, held-out token ids [eval_tokens]) from args.data / args.heldout: the
+    first calib_blocks blocks of the seeded block order calibrate, the rest train."""
     from e3pruner.data import TokenBlocks, token_stream
+    from e3pruner.methods import PruneData
+
+    stream = token_stream(args.data, tok, seed=args.seed)
+    blocks = TokenBlocks(stream, args.block_len, seed=args.seed)
+    if len(blocks) < args.calib_blocks + args.batch_size:
+        raise PruneError(f"data {args.data!r} gives only {len(blocks)} blocks of "
+                         f"{args.block_len} tokens; need more text")
+    data = PruneData(calib=blocks.take(args.calib_blocks, 0), blocks=blocks,
+                     train_start=args.calib_blocks)
+    return data, token_stream(args.heldout, tok)[: args.eval_tokens]
+
+
+def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
     from e3pruner.distill import RecoveryConfig, make_student, recover
     from e3pruner.evaluate import perplexity
     from e3pruner.export import export_pruned
     from e3pruner.gates import gated, remove_gates
-    from e3pruner.methods import Budget, PruneData, Selection, get_method
+    from e3pruner.methods import Budget, Selection, get_method
     from e3pruner.methods.e3 import E3Config
     from e3pruner.models import load_model
     from e3pruner.plots import plot_layer_importance, plot_loss, plot_mask_probabilities
@@ -185,14 +213,7 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     log(f"model {args.model}: {n_layers} layers, pruning {n_prune} "
         f"({100 * n_prune / n_layers:.0f}%)")
-    stream = token_stream(args.data, tok, seed=args.seed)
-    blocks = TokenBlocks(stream, args.block_len, seed=args.seed)
-    if len(blocks) < args.calib_blocks + args.batch_size:
-        raise PruneError(f"data {args.data!r} gives only {len(blocks)} blocks of "
-                         f"{args.block_len} tokens; need more text")
-    data = PruneData(calib=blocks.take(args.calib_blocks, 0), blocks=blocks,
-                     train_start=args.calib_blocks)
-    heldout = token_stream(args.heldout, tok)[: args.eval_tokens]
+    data, heldout = prepare_data(args, tok)
 
     def ppl(m) -> float:
         value = (perplexity(m, heldout, args.eval_ctx, batch_size=4,

@@ -68,3 +68,27 @@ def plot_loss(records: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_removed_layers(removed: dict[str, list[int]], num_layers: int, path: str | Path,
+                        title: str = "removed layers per method") -> Path:
+    """Grid: one row per method, one column per layer, filled where the layer is removed."""
+    path = Path(path)
+    names = list(removed)
+    grid = np.zeros((max(1, len(names)), num_layers))
+    for row, name in enumerate(names):
+        grid[row, removed[name]] = 1
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * num_layers + 2), 0.45 * len(names) + 1.6))
+    ax.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=1.25, interpolation="nearest")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(num_layers), [str(i) if i % 2 == 0 else "" for i in range(num_layers)])
+    ax.set_xticks(np.arange(-0.5, num_layers), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(names)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("layer (filled = removed)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

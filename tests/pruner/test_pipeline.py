@@ -166,7 +166,7 @@ def test_cli_prune_bundled_model_small_budget(tmp_path):
     assert model.config.num_hidden_layers == 22
 
 
-@pytest.mark.parametrize("scope,teacher", [("endpoints", "cache"), ("full", "live")])
+@pytest.mark.parametrize("scope,teacher", [("endpoints", "cache"), ("full", "live"), ("lora", "live")])
 def test_recovery_scopes_and_teacher_cache(tmp_path, scope, teacher):
     from e3pruner.data import TokenBlocks, tokenize_stream
     from e3pruner.distill import RecoveryConfig, endpoint_layers, make_student, recover
@@ -182,7 +182,7 @@ def test_recovery_scopes_and_teacher_cache(tmp_path, scope, teacher):
     student = make_student(model, keep)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     cfg = RecoveryConfig(tokens=2 * 32 * 6, batch_size=2, lr=1e-3, scope=scope, teacher=teacher,
-                         cache_topk=16, amp=None)
+                         cache_topk=16, amp=None, lora_rank=2)
     student, summary = recover(student, model, data, cfg, keep=keep, run_dir=str(tmp_path),
                                progress=False)
     assert summary["steps"] == 6 and summary["tokens"] == 384
@@ -194,6 +194,10 @@ def test_recovery_scopes_and_teacher_cache(tmp_path, scope, teacher):
     else:
         assert any(k.startswith("model.layers.0.") for k in changed)
         assert not any("embed_tokens" in k for k in changed)
+    if scope == "lora":  # adapters merged back: plain module names, only the projections move
+        assert student.state_dict().keys() == before.keys()
+        assert all(k.endswith("_proj.weight") for k in changed)
+        assert summary["trainable_params"] < sum(v.numel() for v in before.values()) / 5
     losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and all(np_isfinite(v) for v in losses)
 
