@@ -1,4 +1,4 @@
-"""`e3pruner` command line: prune, info, eval-ppl."""
+"""`e3pruner` command line: prune, compare, info, eval-ppl, eval-zeroshot, bench-decode."""
 
 from __future__ import annotations
 
@@ -65,6 +65,29 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_eval_zeroshot(args) -> int:
+    from e3pruner.models import load_model
+    from e3pruner.zeroshot import resolve_tasks, zero_shot
+
+    tasks = resolve_tasks(args.tasks)
+    t0 = time.time()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    res = zero_shot(model, tok, tasks, limit=args.limit or None, batch_size=args.batch_size,
+                    progress=not args.json)
+    res.update(model=args.model, limit=args.limit or None, seconds=round(time.time() - t0, 1))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"zero-shot accuracy of {args.model} (first {args.limit or 'all'} items per task)")
+    print(f"{'task':14s} {'acc':>7s} {'acc_norm':>9s} {'n':>6s} {'seconds':>8s}")
+    for t in tasks:
+        r = res[t]
+        print(f"{t:14s} {r['acc']:7.4f} {r['acc_norm']:9.4f} {r['n']:6d} {r['seconds']:8.1f}")
+    print(f"average {res['average']:.4f} (acc_norm for ARC/HellaSwag/PIQA/OBQA, acc for "
+          f"BoolQ/WinoGrande); {res['seconds']} s")
+    return 0
+
+
 def _tokens(text: str) -> int:
     try:
         value = float(text)
@@ -76,11 +99,18 @@ def _tokens(text: str) -> int:
 
 
 def cmd_prune(args) -> int:
+    import os
+
+    from e3pruner.distributed import init_distributed, shutdown
     from e3pruner.pipeline import PruneArgs, run_prune
 
     fields = PruneArgs.__dataclass_fields__
     kwargs = {k: v for k, v in vars(args).items() if k in fields}
-    run_prune(PruneArgs(**kwargs))
+    ctx = init_distributed(os.environ, args.device, args.parallel)
+    try:
+        run_prune(PruneArgs(**kwargs), dist=ctx)
+    finally:
+        shutdown(ctx)
     return 0
 
 
@@ -121,16 +151,126 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--parallel", default=d.parallel, choices=["ddp", "fsdp"],
+                   help="data parallelism under torchrun (--nproc-per-node N): ddp, or fsdp "
+                   "to shard the trained layers and their optimizer state")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the ShortGPT sanity comparison")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_prune)
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"batch sizes are integers like 1,8,32, got {text!r}") from err
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return sizes
+
+
+def cmd_bench_decode(args) -> int:
+    from e3pruner.decode import DecodeBenchConfig, run_decode_bench
+
+    cfg = DecodeBenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                            batch_sizes=args.batch_sizes, warmup=args.warmup,
+                            repeats=args.repeats, dtype=args.dtype, seed=args.seed,
+                            threads=args.threads)
+    try:
+        run_decode_bench(args.pruned, args.against, engine=args.engine, cfg=cfg,
+                         device=args.device, out=args.out, vllm_venv=args.vllm_venv)
+    except RuntimeError as err:  # the vLLM subprocess failed: its log tail is in the message
+        print(f"e3pruner bench-decode: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_bench_decode_parser(sub) -> None:
+    p = sub.add_parser("bench-decode", help="decode tokens/s of a pruned model vs its original",
+                       description="Measure decode speed (tokens/s, ms/token) of PRUNED and "
+                       "ORIGINAL at several batch sizes and compare the speedup with the ideal "
+                       "from the bytes of weights read per token. See docs/decode.md.")
+    p.add_argument("pruned", help="pruned HF directory (e.g. runs/e3-smollm2/model)")
+    p.add_argument("--against", default="smollm2-135m",
+                   help="the original: 'smollm2-135m' (bundled), an HF directory or hub id")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers generate here; vllm: vLLM in its own venv "
+                   "(build it with tools/make_vllm_env.sh)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 8, 32), help="e.g. 1,8,32")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32, float16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--vllm-venv", default=None,
+                   help="vLLM venv (default $E3_VLLM_VENV or .venv-vllm in the repo root)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default bench/results/decode_<engine>_<device>.json)")
+    p.set_defaults(func=cmd_bench_decode)
+
+
+def cmd_compare(args) -> int:
+    from e3pruner.compare import CompareArgs, run_compare
+
+    fields = CompareArgs.__dataclass_fields__
+    run_compare(CompareArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
+def _add_compare_parser(sub) -> None:
+    from e3pruner.compare import CompareArgs
+
+    d = CompareArgs()
+    p = sub.add_parser("compare", help="several pruning methods, one table (same model, n, "
+                       "data and recovery budget)",
+                       description="Run layer-pruning methods side by side: selection, held-out "
+                       "perplexity before/after the same KD recovery, zero-shot accuracy. "
+                       "Writes compare.md, compare.json and removed_layers.png to --out.")
+    _add_model_args(p)
+    p.add_argument("--methods", default=d.methods,
+                   help=f"comma-separated (default {d.methods}; also self-pruner-width)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ratio", type=float, default=None, help="fraction of layers to remove (default 0.25)")
+    g.add_argument("--prune-layers", type=int, default=None, help="number of layers to remove")
+    p.add_argument("--data", default=d.data)
+    p.add_argument("--heldout", default=d.heldout)
+    p.add_argument("--search-tokens", type=_tokens, default=d.search_tokens,
+                   help="budget of the gradient searches (E3, CLP)")
+    p.add_argument("--recovery-tokens", type=_tokens, default=d.recovery_tokens,
+                   help="KD recovery budget of every method (0: none)")
+    p.add_argument("--block-len", type=int, default=d.block_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--calib-blocks", type=int, default=d.calib_blocks)
+    p.add_argument("--lr", type=float, default=d.lr, help="recovery peak learning rate")
+    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "none"])
+    p.add_argument("--weighting", default=d.weighting)
+    p.add_argument("--eval-tokens", type=_tokens, default=d.eval_tokens)
+    p.add_argument("--eval-ctx", type=int, default=d.eval_ctx)
+    p.add_argument("--tasks", default=d.tasks, help="zero-shot tasks, comma-separated (default: all 7)")
+    p.add_argument("--zeroshot-limit", type=int, default=d.zeroshot_limit,
+                   help="first N items per task (0: skip zero-shot; -1: all)")
+    p.add_argument("--population", type=int, default=d.population, help="Self-Pruner population")
+    p.add_argument("--generations", type=int, default=d.generations, help="Self-Pruner generations")
+    p.add_argument("--operator", default=d.operator, choices=["llm", "classic"],
+                   help="Self-Pruner's evolutionary operators")
+    p.add_argument("--export", action="store_true", help="also save every pruned checkpoint")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e3pruner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune_parser(sub)
+    _add_compare_parser(sub)
 
     p = sub.add_parser("info", help="supported families; a model's layers, params, vocab")
     p.add_argument("--model", default=None, help="also describe this model")
@@ -150,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the first N tokens of the split (0 = all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
+    _add_bench_decode_parser(sub)
+
+    p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy (lm-eval 0.4.13 numbers) on "
+                       "ARC-E/C, HellaSwag, PIQA, BoolQ, WinoGrande, OpenBookQA")
+    _add_model_args(p)
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all 7)")
+    p.add_argument("--limit", type=int, default=100,
+                   help="first N items of each task's validation split (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_zeroshot)
     return parser
 
 
@@ -157,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "max_tokens", None) == 0:
         args.max_tokens = None
+    if getattr(args, "zeroshot_limit", None) == -1:
+        args.zeroshot_limit = None
     if getattr(args, "total_tokens", None) is not None:
         args.search_tokens = args.total_tokens // 5
         args.recovery_tokens = args.total_tokens - args.search_tokens

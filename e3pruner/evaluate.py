@@ -1,4 +1,4 @@
-"""Evaluation: held-out perplexity (zero-shot accuracy and decode speed come later).
+"""Evaluation: held-out perplexity here; zero-shot accuracy in zeroshot.py (re-exported).
 
 Perplexity = exp(mean NLL over predicted tokens). The split's documents are concatenated
 with EOS between them into one stream and scored in windows of `ctx_len` tokens:
@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from e3pruner.zeroshot import zero_shot  # noqa: F401  (re-export)
 
 
 def _windows(n: int, ctx_len: int, stride: int | None):

@@ -1,0 +1,358 @@
+"""`e3pruner compare`: several layer-pruning methods on the same model, n, data and budget.
+
+For every method: select the layers (its own search budget), held-out perplexity of the
+gated model before recovery, the same KD recovery budget (with the method's own recovery
+overrides, e.g. CLP's endpoint tuning), perplexity and zero-shot accuracy after recovery.
+The teacher is evaluated the same way. Each finished step is stored in RUN/state.json, so
+`--resume` continues an interrupted comparison where it stopped. Output: compare.json,
+compare.md (the table) and removed_layers.png.
+
+The width variant of Self-Pruner ("self-pruner-width") masks MLP channels and attention
+heads instead of removing layers: it is evaluated with its masks on, gets no recovery
+and is not exported (vLLM would see the full model).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from e3pruner.pipeline import (
+    PruneError,
+    RunState,
+    check_out_dir,
+    model_num_layers,
+    prepare_data,
+    resolve_n_prune,
+)
+from e3pruner.train import atomic_write_text, seed_everything
+
+DEFAULT_METHODS = "e3,clp,self-pruner,shortgpt,angular,ppl,taylor,sleb"
+TASK_LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "hellaswag": "HellaSwag",
+               "piqa": "PIQA", "boolq": "BoolQ", "winogrande": "WinoG", "openbookqa": "OBQA"}
+
+
+@dataclass
+class CompareArgs:
+    methods: str = DEFAULT_METHODS
+    model: str = "smollm2-135m"
+    prune_layers: int | None = None
+    ratio: float | None = None  # default 0.25 when prune_layers is None
+    data: str = "bundled"
+    heldout: str = "heldout"
+    block_len: int = 256
+    batch_size: int = 4
+    calib_blocks: int = 4
+    search_tokens: int = 32_768  # E3 and CLP gradient search
+    recovery_tokens: int = 32_768  # the same for every method (0: no recovery)
+    lr: float = 4e-4
+    amp: str = "bf16"
+    weighting: str = "entropy"
+    eval_tokens: int = 8_192
+    eval_ctx: int = 512
+    tasks: str | None = None  # comma-separated zero-shot tasks (None: all 7)
+    zeroshot_limit: int | None = 100  # first N items per task (None: all)
+    population: int = 30  # Self-Pruner
+    generations: int = 20
+    operator: str = "llm"  # Self-Pruner operators: "llm" or "classic"
+    export: bool = False  # also write each method's pruned checkpoint
+    out: str = "runs/compare-smollm2"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def parse_methods(spec: str) -> list[str]:
+    from e3pruner.methods import available_methods
+
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    known = available_methods()
+    bad = [m for m in names if m not in known]
+    if bad or not names:
+        raise PruneError(f"unknown method(s) {bad or spec!r}; available: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise PruneError(f"--methods lists a method twice: {spec!r}")
+    return names
+
+
+def validate(args: CompareArgs) -> tuple[list[str], int, int]:
+    from e3pruner.models import parse_dtype
+    from e3pruner.zeroshot import resolve_tasks
+
+    methods = parse_methods(args.methods)
+    if args.search_tokens < args.batch_size * args.block_len:
+        raise PruneError(f"--search-tokens must be >= one step ({args.batch_size * args.block_len})")
+    if args.recovery_tokens < 0:
+        raise PruneError("--recovery-tokens must be >= 0")
+    if args.zeroshot_limit is not None and args.zeroshot_limit < 0:
+        raise PruneError("--zeroshot-limit must be >= 0 (0: skip zero-shot)")
+    if args.population < 2 or args.generations < 1:
+        raise PruneError("--population >= 2 and --generations >= 1 are required")
+    if args.amp not in ("bf16", "fp16", "none"):
+        raise PruneError(f"--amp must be bf16, fp16 or none, got {args.amp!r}")
+    try:
+        resolve_tasks(args.tasks)
+    except ValueError as err:
+        raise PruneError(str(err)) from err
+    parse_dtype(args.dtype)
+    check_out_dir(args.out, args.resume, args.overwrite)
+    n_layers = model_num_layers(args.model)
+    return methods, n_layers, resolve_n_prune(n_layers, args.prune_layers, args.ratio)
+
+
+def method_config(name: str, args: CompareArgs):
+    """The search configuration each method gets from the shared arguments."""
+    amp = None if args.amp == "none" else args.amp
+    if name == "e3":
+        from e3pruner.methods.e3 import E3Config
+
+        return E3Config(weighting=args.weighting, amp=amp)
+    if name == "clp":
+        from e3pruner.methods.clp import CLPConfig
+
+        return CLPConfig(amp=amp)
+    if name.startswith("self-pruner"):
+        from e3pruner.methods.self_pruner import SelfPrunerConfig
+
+        return SelfPrunerConfig(population=args.population, generations=args.generations,
+                                operator=args.operator)
+    return None
+
+
+def run_compare(args: CompareArgs, log=print) -> dict:
+    from e3pruner.distill import RecoveryConfig, make_student, recover
+    from e3pruner.evaluate import perplexity
+    from e3pruner.export import export_pruned
+    from e3pruner.gates import gated, remove_gates
+    from e3pruner.methods import Budget, Selection, get_method, method_recovery
+    from e3pruner.models import load_model
+    from e3pruner.plots import plot_removed_layers
+    from e3pruner.zeroshot import resolve_tasks, zero_shot
+
+    t0 = time.time()
+    methods, n_layers, n_prune = validate(args)
+    run = Path(args.out)
+    if args.overwrite and not args.resume:
+        (run / "state.json").unlink(missing_ok=True)
+    state = RunState(run, fresh=not args.resume)
+    if args.resume and state.get("args"):
+        old = state.get("args")
+        keys = ("model", "data", "block_len", "batch_size", "seed", "search_tokens",
+                "recovery_tokens", "calib_blocks", "prune_layers", "ratio", "eval_tokens",
+                "eval_ctx", "zeroshot_limit", "tasks")
+        diff = {k: (old.get(k), getattr(args, k)) for k in keys if old.get(k) != getattr(args, k)}
+        if diff:
+            raise PruneError(f"--resume with different settings than the run in {run}: {diff}")
+    state.set("args", asdict(args))
+    seed_everything(args.seed)
+    tasks = resolve_tasks(args.tasks)
+    do_zeroshot = args.zeroshot_limit != 0
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    log(f"compare {', '.join(methods)} on {args.model}: removing {n_prune} of {n_layers} layers")
+    data, heldout = prepare_data(args, tok)
+
+    def ppl(m) -> float:
+        return perplexity(m, heldout, args.eval_ctx, batch_size=4, progress=args.progress)["ppl"]
+
+    def zeroshot(m):
+        if not do_zeroshot:
+            return None
+        res = zero_shot(m, tok, tasks, limit=args.zeroshot_limit, progress=args.progress)
+        return {k: v for k, v in res.items()}
+
+    if state.get("teacher") is None:
+        t = time.time()
+        state.set("teacher", {"ppl": ppl(model), "zeroshot": zeroshot(model),
+                              "eval_seconds": time.time() - t})
+    log(f"teacher held-out perplexity {state.get('teacher')['ppl']:.3f}")
+
+    results = dict(state.get("methods") or {})
+    for name in methods:
+        res = dict(results.get(name) or {})
+        method_dir = run / name
+        method_dir.mkdir(exist_ok=True)
+
+        def save(res=res, name=name):
+            results[name] = res
+            state.set("methods", results)
+
+        if "selection" not in res:
+            budget = Budget(search_tokens=args.search_tokens, batch_size=args.batch_size,
+                            seed=args.seed, progress=args.progress, run_dir=str(method_dir),
+                            resume=args.resume)
+            t = time.time()
+            config = method_config(name, args)
+            kw = {} if config is None else {"config": config}
+            sel = get_method(name)(model, data, n_prune, budget, **kw)
+            res["selection"] = asdict(sel)
+            res["search_seconds"] = time.time() - t
+            save()
+        sel = Selection(**res["selection"])
+        width = sel.info.get("width_rates")
+        log(f"{name}: removes {sel.removed if width is None else 'width ' + str(width)}")
+
+        if "ppl_before" not in res:
+            with torch.no_grad():
+                if width is not None:
+                    res["ppl_before"] = _with_width_masks(model, sel, data, lambda: ppl(model))
+                else:
+                    with gated(model, sel.mask(args.device)):
+                        res["ppl_before"] = ppl(model)
+                    remove_gates(model)
+            save()
+
+        if "ppl_after" not in res:
+            t = time.time()
+            if width is not None:
+                res.update(ppl_after=None, recovery={"steps": 0, "tokens": 0},
+                           zeroshot=_with_width_masks(model, sel, data, lambda: zeroshot(model)),
+                           note="width pruning by masking: no recovery, not exported")
+            else:
+                overrides = method_recovery(name)
+                cfg = RecoveryConfig(**{**dict(tokens=args.recovery_tokens,
+                                                batch_size=args.batch_size, lr=args.lr,
+                                                weighting=args.weighting,
+                                                amp=None if args.amp == "none" else args.amp),
+                                        **overrides})
+                student = make_student(model, sel.keep)
+                student, summary = recover(student, model, data, cfg, keep=sel.keep,
+                                           seed=args.seed, run_dir=str(method_dir),
+                                           resume=args.resume, progress=args.progress)
+                summary["seconds"] = time.time() - t
+                res["recovery"] = summary
+                res["ppl_after"] = ppl(student) if summary["steps"] else res["ppl_before"]
+                res["zeroshot"] = zeroshot(student)
+                if args.export:
+                    res["export"] = str(export_pruned(
+                        student, list(range(len(sel.keep))), method_dir / "model", tok,
+                        info={"original_num_layers": n_layers, "kept_layers": sel.keep,
+                              "removed_layers": sel.removed, "method": name,
+                              "source": args.model, "recovery_tokens": summary["tokens"],
+                              "search_tokens": sel.tokens}))
+                del student
+            res["eval_seconds"] = time.time() - t
+            save()
+        log(f"{name}: ppl before {res['ppl_before']:.2f}, after "
+            f"{res['ppl_after'] if res['ppl_after'] is None else round(res['ppl_after'], 2)}")
+
+    report = build_report(args, state.get("teacher"), {m: results[m] for m in methods},
+                          n_layers, n_prune, tasks, time.time() - t0)
+    report["plot"] = str(plot_removed_layers(
+        {m: report["methods"][m]["removed_layers"] for m in methods
+         if report["methods"][m]["removed_layers"] is not None},
+        n_layers, run / "removed_layers.png",
+        title=f"{args.model}: {n_prune} of {n_layers} layers removed"))
+    atomic_write_text(run / "compare.json", json.dumps(report, indent=2))
+    table = format_markdown(report)
+    atomic_write_text(run / "compare.md", table)
+    log(table)
+    return report
+
+
+def _with_width_masks(model, sel, data, fn):
+    from e3pruner.width import apply_width_masks, collect_width_stats
+
+    stats = collect_width_stats(model, data.calib)
+    handle = apply_width_masks(model, sel.info["width_rates"], stats)
+    try:
+        return fn()
+    finally:
+        handle.remove()
+
+
+def build_report(args: CompareArgs, teacher: dict, results: dict, n_layers: int,
+                 n_prune: int, tasks: list[str], seconds: float) -> dict:
+    methods = {}
+    for name, res in results.items():
+        sel = res["selection"]
+        width = sel["info"].get("width_rates")
+        kept = set(sel["keep"])
+        methods[name] = {
+            "removed_layers": None if width else [i for i in range(n_layers) if i not in kept],
+            "width_rates": width,
+            "ppl_before_recovery": res["ppl_before"],
+            "ppl_after_recovery": res["ppl_after"],
+            "zeroshot": res.get("zeroshot"),
+            "search_seconds": res["search_seconds"],
+            "recovery_seconds": res.get("recovery", {}).get("seconds"),
+            "tokens": {"selection": sel["tokens"], "recovery": res["recovery"]["tokens"]},
+            "recovery_scope": (res["recovery"].get("config") or {}).get("scope"),
+            "info": {k: v for k, v in sel["info"].items() if k in (
+                "operator_counts", "fitness_evaluations", "best_fitness", "segment", "config")},
+            "note": res.get("note"),
+            "export": res.get("export"),
+        }
+    return {"model": args.model, "num_layers": n_layers, "pruned_layers": n_prune,
+            "device": args.device, "tasks": tasks, "zeroshot_limit": args.zeroshot_limit,
+            "heldout": {"data": args.heldout, "tokens": args.eval_tokens, "ctx": args.eval_ctx},
+            "recovery_tokens": args.recovery_tokens, "search_tokens": args.search_tokens,
+            "teacher": teacher, "methods": methods, "seconds_this_invocation": seconds,
+            "command": command_line(args), "args": asdict(args)}
+
+
+def command_line(args: CompareArgs) -> str:
+    """The `e3pruner compare` invocation that reproduces this table."""
+    d = CompareArgs()
+    parts = ["e3pruner compare"]
+    for key in ("methods", "model", "prune_layers", "ratio", "data", "heldout", "block_len",
+                "batch_size", "calib_blocks", "search_tokens", "recovery_tokens", "lr", "amp",
+                "weighting", "eval_tokens", "eval_ctx", "tasks", "zeroshot_limit",
+                "population", "generations", "operator", "out", "seed"):
+        value = getattr(args, key)
+        if value != getattr(d, key) and value is not None:
+            parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def _fmt(x, digits=2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def format_markdown(r: dict) -> str:
+    tasks = r["tasks"] if r["zeroshot_limit"] != 0 else []
+    head = (["method", "removed layers", "ppl before", "ppl after"]
+            + [TASK_LABELS.get(t, t) for t in tasks] + (["avg"] if tasks else [])
+            + ["search s", "tokens (select / recover)"])
+    rows = []
+
+    def acc_cells(zs):
+        if not tasks:
+            return []
+        if not zs:
+            return ["–"] * (len(tasks) + 1)
+        return [_fmt(100 * zs[t]["score"], 1) for t in tasks] + [_fmt(100 * zs["average"], 1)]
+
+    t = r["teacher"]
+    rows.append(["teacher (unpruned)", "–", _fmt(t["ppl"]), _fmt(t["ppl"])]
+                + acc_cells(t.get("zeroshot")) + ["–", "–"])
+    for name, m in r["methods"].items():
+        removed = (", ".join(map(str, m["removed_layers"])) if m["removed_layers"] is not None
+                   else "width masks (not exported)")
+        scope = f" ({m['recovery_scope']})" if m["recovery_scope"] not in (None, "full") else ""
+        rows.append([name + scope, removed, _fmt(m["ppl_before_recovery"]),
+                     _fmt(m["ppl_after_recovery"])] + acc_cells(m["zeroshot"])
+                    + [f"{m['search_seconds']:.0f}",
+                       f"{m['tokens']['selection']:,} / {m['tokens']['recovery']:,}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    notes = [
+        f"{r['model']}, {r['pruned_layers']} of {r['num_layers']} layers removed; held-out "
+        f"perplexity on {r['heldout']['tokens']:,} tokens of {r['heldout']['data']!r} at ctx "
+        f"{r['heldout']['ctx']}; recovery: {r['recovery_tokens']:,} tokens of entropy-aware KD "
+        f"per method (scope in brackets when the method defines its own).",
+    ]
+    if tasks:
+        notes.append(f"Zero-shot accuracy (%) after recovery on the first {r['zeroshot_limit']} "
+                     "items per task: acc_norm for ARC, HellaSwag, PIQA, OBQA; acc for BoolQ, "
+                     "WinoGrande (lm-eval's stock metrics).")
+    notes.append(f"Reproduce: `{r['command']}`")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

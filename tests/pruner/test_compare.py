@@ -1,0 +1,90 @@
+"""`e3pruner compare` on a tiny model: every method, one table, resume, bad input."""
+
+import json
+
+import pytest
+
+import e3pruner.compare as compare
+from e3pruner.cli import main
+from e3pruner.compare import CompareArgs, parse_methods, run_compare
+from e3pruner.methods import available_methods
+from e3pruner.pipeline import PruneError
+from tests.pruner.tiny_models import tiny_model_dir
+
+
+def _args(tmp_path, model_dir, train, held, **kw):
+    base = dict(methods=",".join(available_methods()), model=str(model_dir), data=str(train),
+                heldout=str(held), block_len=32, batch_size=2, calib_blocks=4,
+                search_tokens=32 * 2 * 6, recovery_tokens=32 * 2 * 3, eval_tokens=600,
+                eval_ctx=64, tasks="arc_easy,boolq", zeroshot_limit=3, population=4,
+                generations=1, operator="classic", out=str(tmp_path / "cmp"), progress=False,
+                prune_layers=2, amp="none")
+    base.update(kw)
+    return CompareArgs(**base)
+
+
+def test_every_method_one_table_and_resume(tmp_path, monkeypatch):
+    model_dir, train, held = tiny_model_dir(tmp_path, "llama")
+    args = _args(tmp_path, model_dir, train, held)
+    report = run_compare(args, log=lambda *_: None)
+    names = available_methods()
+    assert list(report["methods"]) == names
+    for name, m in report["methods"].items():
+        if name == "self-pruner-width":
+            assert m["removed_layers"] is None and len(m["width_rates"]) == 6
+            assert m["ppl_after_recovery"] is None and "not exported" in m["note"]
+        else:
+            assert len(m["removed_layers"]) == 2
+            assert m["ppl_after_recovery"] > 1 and m["tokens"]["recovery"] == 192
+        assert m["ppl_before_recovery"] > 1
+        assert set(m["zeroshot"]) >= {"arc_easy", "boolq", "average"}
+        assert m["zeroshot"]["arc_easy"]["n"] == 3
+    assert report["methods"]["clp"]["recovery_scope"] == "endpoints"
+    assert report["methods"]["e3"]["recovery_scope"] == "full"
+    run = tmp_path / "cmp"
+    table = (run / "compare.md").read_text()
+    for name in names:
+        assert f"| {name}" in table
+    assert "teacher (unpruned)" in table and "ARC-E" in table and "BoolQ" in table
+    assert "--prune-layers 2" in table  # the reproducing command
+    assert json.loads((run / "compare.json").read_text())["methods"].keys() == report["methods"].keys()
+    assert (run / "removed_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resume: every step is stored, so nothing runs again and the table is the same
+    def no_rerun(*_a, **_k):
+        raise AssertionError("a finished method ran again")
+
+    monkeypatch.setattr(compare, "method_config", no_rerun)
+    again = run_compare(_args(tmp_path, model_dir, train, held, resume=True), log=lambda *_: None)
+    for name in names:
+        assert again["methods"][name]["ppl_after_recovery"] == report["methods"][name]["ppl_after_recovery"]
+    with pytest.raises(PruneError, match="different settings"):
+        run_compare(_args(tmp_path, model_dir, train, held, resume=True, recovery_tokens=128))
+
+
+def test_bad_input_fails_before_work(tmp_path):
+    model_dir, train, held = tiny_model_dir(tmp_path, "qwen3")
+    with pytest.raises(PruneError, match="available"):
+        parse_methods("e3,nope")
+    with pytest.raises(PruneError, match="twice"):
+        parse_methods("e3,e3")
+    cases = [({"tasks": "arc_easy,mmlu"}, "mmlu"), ({"prune_layers": 6}, "prune-layers"),
+             ({"search_tokens": 10}, "search-tokens"), ({"population": 1}, "population")]
+    for kw, msg in cases:
+        with pytest.raises((PruneError, ValueError), match=msg):
+            run_compare(_args(tmp_path, model_dir, train, held, **kw))
+    assert not (tmp_path / "cmp" / "state.json").exists()
+
+
+def test_cli_compare_small(tmp_path, capsys):
+    model_dir, train, held = tiny_model_dir(tmp_path, "qwen3")
+    rc = main(["compare", "--methods", "shortgpt,angular", "--model", str(model_dir),
+               "--data", str(train), "--heldout", str(held), "--block-len", "32",
+               "--batch-size", "2", "--search-tokens", "64", "--recovery-tokens", "128",
+               "--eval-tokens", "600", "--eval-ctx", "64", "--zeroshot-limit", "0",
+               "--prune-layers", "2", "--out", str(tmp_path / "c"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| shortgpt |" in out and "| angular |" in out and "ARC-E" not in out
+    rc = main(["compare", "--methods", "bogus", "--model", str(model_dir), "--out", str(tmp_path / "d")])
+    assert rc == 2 and "available" in capsys.readouterr().err
