@@ -15,6 +15,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_layer_count_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ratio", type=float, default=None, help="fraction of layers to remove (default 0.25)")
+    g.add_argument("--prune-layers", type=int, default=None, help="number of layers to remove")
+
+
 def cmd_info(args) -> int:
     from e3pruner.models import SUPPORTED_FAMILIES, load_model
     from e3pruner.models.families import _ADAPTERS, decoder_layers
@@ -122,9 +128,7 @@ def _add_prune_parser(sub) -> None:
                        description="Prune decoder layers with E3-Pruner. With no arguments: the "
                        "bundled SmolLM2-135M, 25%% of its layers, the bundled data.")
     _add_model_args(p)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float, default=None, help="fraction of layers to remove (default 0.25)")
-    g.add_argument("--prune-layers", type=int, default=None, help="number of layers to remove")
+    _add_layer_count_args(p)
     p.add_argument("--data", default=d.data, help="training/calibration text: 'bundled', a file, hf:NAME")
     p.add_argument("--heldout", default=d.heldout, help="held-out perplexity text (default: bundled LAMBADA)")
     p.add_argument("--search-tokens", type=_tokens, default=d.search_tokens)
@@ -233,9 +237,7 @@ def _add_compare_parser(sub) -> None:
     _add_model_args(p)
     p.add_argument("--methods", default=d.methods,
                    help=f"comma-separated (default {d.methods}; also self-pruner-width)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float, default=None, help="fraction of layers to remove (default 0.25)")
-    g.add_argument("--prune-layers", type=int, default=None, help="number of layers to remove")
+    _add_layer_count_args(p)
     p.add_argument("--data", default=d.data)
     p.add_argument("--heldout", default=d.heldout)
     p.add_argument("--search-tokens", type=_tokens, default=d.search_tokens,

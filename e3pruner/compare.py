@@ -143,14 +143,9 @@ def run_compare(args: CompareArgs, log=print) -> dict:
     if args.overwrite and not args.resume:
         (run / "state.json").unlink(missing_ok=True)
     state = RunState(run, fresh=not args.resume)
-    if args.resume and state.get("args"):
-        old = state.get("args")
-        keys = ("model", "data", "block_len", "batch_size", "seed", "search_tokens",
-                "recovery_tokens", "calib_blocks", "prune_layers", "ratio", "eval_tokens",
-                "eval_ctx", "zeroshot_limit", "tasks")
-        diff = {k: (old.get(k), getattr(args, k)) for k in keys if old.get(k) != getattr(args, k)}
-        if diff:
-            raise PruneError(f"--resume with different settings than the run in {run}: {diff}")
+    state.check_resume(args, ("model", "data", "block_len", "batch_size", "seed",
+                              "search_tokens", "recovery_tokens", "calib_blocks", "prune_layers",
+                              "ratio", "eval_tokens", "eval_ctx", "zeroshot_limit", "tasks"))
     state.set("args", asdict(args))
     seed_everything(args.seed)
     tasks = resolve_tasks(args.tasks)
@@ -166,8 +161,7 @@ def run_compare(args: CompareArgs, log=print) -> dict:
     def zeroshot(m):
         if not do_zeroshot:
             return None
-        res = zero_shot(m, tok, tasks, limit=args.zeroshot_limit, progress=args.progress)
-        return {k: v for k, v in res.items()}
+        return zero_shot(m, tok, tasks, limit=args.zeroshot_limit, progress=args.progress)
 
     if state.get("teacher") is None:
         t = time.time()

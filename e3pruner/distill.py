@@ -221,6 +221,9 @@ def _parallelize(student, params, cfg: RecoveryConfig, dist: DistContext):
     if cfg.scope == "lora":
         raise ValueError("--parallel fsdp supports the full and endpoints scopes; use ddp "
                          "with lora")
+    if cfg.train_embeddings:
+        raise ValueError("--parallel fsdp keeps the embedding and head replicated; use ddp "
+                         "to train them")
     from torch.distributed.fsdp import fully_shard
 
     from e3pruner.models.families import final_norm
@@ -229,9 +232,6 @@ def _parallelize(student, params, cfg: RecoveryConfig, dist: DistContext):
     for mod in list(decoder_layers(student)) + [final_norm(student)]:
         if any(id(p) in trainable for p in mod.parameters()):
             fully_shard(mod)
-    if cfg.train_embeddings:
-        raise ValueError("--parallel fsdp keeps the embedding and head replicated; use ddp "
-                         "to train them")
     return (lambda ids: final_hidden(student, ids)), nullcontext
 
 

@@ -154,6 +154,16 @@ class RunState:
         if self.write:
             atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
+    def check_resume(self, args, keys: tuple[str, ...]) -> None:
+        """On --resume, refuse settings (`keys` of args) that differ from the stored run's."""
+        old = self.data.get("args")
+        if not args.resume or not old:
+            return
+        diff = {k: (old.get(k), getattr(args, k)) for k in keys if old.get(k) != getattr(args, k)}
+        if diff:
+            raise PruneError(f"--resume with different settings than the run in "
+                             f"{self.path.parent}: {diff}")
+
 
 def prepare_data(args, tok):
     """(PruneData, held-out token ids [eval_tokens]) from args.data / args.heldout: the
@@ -200,13 +210,8 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
         raise PruneError(error)
     dist.check_divides(args.batch_size, "--batch-size")
     state = RunState(run, fresh=not args.resume, write=dist.is_main)
-    if args.resume and state.get("args"):
-        old = state.get("args")
-        keys = ("model", "data", "block_len", "batch_size", "seed", "search_tokens",
-                "recovery_tokens", "calib_blocks", "grad_accum")
-        diff = {k: (old.get(k), getattr(args, k)) for k in keys if old.get(k) != getattr(args, k)}
-        if diff:
-            raise PruneError(f"--resume with different settings than the run in {run}: {diff}")
+    state.check_resume(args, ("model", "data", "block_len", "batch_size", "seed",
+                              "search_tokens", "recovery_tokens", "calib_blocks", "grad_accum"))
     state.set("args", asdict(args))
     seed_everything(args.seed)
 

@@ -104,6 +104,12 @@ def check_n_prune(n_prune: int, num_layers: int) -> None:
                          f"with {num_layers} layers, got {n_prune!r}")
 
 
+def check_calib_len(data: PruneData, method: str) -> None:
+    """Next-token losses need calibration blocks of at least 2 tokens."""
+    if data.calib.shape[1] < 2:
+        raise ValueError(f"{method} needs calibration blocks of at least 2 tokens")
+
+
 def keep_lowest_removed(scores: torch.Tensor, n_prune: int) -> list[int]:
     """Keep all but the n_prune layers with the lowest score (ties: higher index removed
     first is arbitrary but fixed: stable sort on (score, -index))."""

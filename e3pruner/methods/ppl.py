@@ -25,6 +25,7 @@ from e3pruner.methods.base import (
     Budget,
     PruneData,
     Selection,
+    check_calib_len,
     check_n_prune,
     keep_lowest_removed,
     preserved_model_state,
@@ -121,8 +122,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     budget = budget or Budget()
     n = len(decoder_layers(model))
     check_n_prune(n_prune, n)
-    if data.calib.shape[1] < 2:
-        raise ValueError("ppl needs calibration blocks of at least 2 tokens")
+    check_calib_len(data, "ppl")
     with preserved_model_state(model):
         nll, base = drop_one_nll(model, data.calib, budget.batch_size)
     scores = nll - base

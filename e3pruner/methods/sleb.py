@@ -23,6 +23,7 @@ from e3pruner.methods.base import (
     Budget,
     PruneData,
     Selection,
+    check_calib_len,
     check_n_prune,
     preserved_model_state,
     register,
@@ -59,8 +60,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     budget = budget or Budget()
     n = len(decoder_layers(model))
     check_n_prune(n_prune, n)
-    if data.calib.shape[1] < 2:
-        raise ValueError("sleb needs calibration blocks of at least 2 tokens")
+    check_calib_len(data, "sleb")
     removed: list[int] = []
     rounds = []
     scores = [0.0] * n

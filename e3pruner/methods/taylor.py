@@ -23,6 +23,7 @@ from e3pruner.methods.base import (
     Budget,
     PruneData,
     Selection,
+    check_calib_len,
     check_n_prune,
     keep_lowest_removed,
     preserved_model_state,
@@ -65,8 +66,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     budget = budget or Budget()
     n = len(decoder_layers(model))
     check_n_prune(n_prune, n)
-    if data.calib.shape[1] < 2:
-        raise ValueError("taylor needs calibration blocks of at least 2 tokens")
+    check_calib_len(data, "taylor")
     with preserved_model_state(model):
         imp = taylor_importance(model, data.calib, budget.batch_size)
     return Selection(keep=keep_lowest_removed(imp, n_prune), num_layers=n, scores=imp.tolist(),
