@@ -4,7 +4,9 @@ For every method: select the layers (its own search budget), held-out perplexity
 gated model before recovery, the same KD recovery budget (with the method's own recovery
 overrides, e.g. CLP's endpoint tuning), perplexity and zero-shot accuracy after recovery.
 The teacher is evaluated the same way. Each finished step is stored in RUN/state.json, so
-`--resume` continues an interrupted comparison where it stopped. Output: compare.json,
+`--resume` continues an interrupted comparison where it stopped; resumed with other zero-shot
+settings (`--zeroshot-limit`, `--tasks`) it re-evaluates only the zero-shot columns, on the
+students restored from their final recovery checkpoints. Output: compare.json,
 compare.md (the table) and removed_layers.png.
 
 The width variant of Self-Pruner ("self-pruner-width") masks MLP channels and attention
@@ -145,7 +147,7 @@ def run_compare(args: CompareArgs, log=print) -> dict:
     state = RunState(run, fresh=not args.resume)
     state.check_resume(args, ("model", "data", "block_len", "batch_size", "seed",
                               "search_tokens", "recovery_tokens", "calib_blocks", "prune_layers",
-                              "ratio", "eval_tokens", "eval_ctx", "zeroshot_limit", "tasks"))
+                              "ratio", "eval_tokens", "eval_ctx"))
     state.set("args", asdict(args))
     seed_everything(args.seed)
     tasks = resolve_tasks(args.tasks)
@@ -163,10 +165,14 @@ def run_compare(args: CompareArgs, log=print) -> dict:
             return None
         return zero_shot(m, tok, tasks, limit=args.zeroshot_limit, progress=args.progress)
 
+    zs_settings = {"limit": args.zeroshot_limit, "tasks": tasks} if do_zeroshot else None
     if state.get("teacher") is None:
         t = time.time()
         state.set("teacher", {"ppl": ppl(model), "zeroshot": zeroshot(model),
-                              "eval_seconds": time.time() - t})
+                              "zeroshot_settings": zs_settings, "eval_seconds": time.time() - t})
+    elif state.get("teacher").get("zeroshot_settings") != zs_settings:
+        state.set("teacher", {**state.get("teacher"), "zeroshot": zeroshot(model),
+                              "zeroshot_settings": zs_settings})
     log(f"teacher held-out perplexity {state.get('teacher')['ppl']:.3f}")
 
     results = dict(state.get("methods") or {})
@@ -204,7 +210,8 @@ def run_compare(args: CompareArgs, log=print) -> dict:
                     remove_gates(model)
             save()
 
-        if "ppl_after" not in res:
+        recovered = "ppl_after" in res
+        if not recovered or res.get("zeroshot_settings") != zs_settings:
             t = time.time()
             if width is not None:
                 res.update(ppl_after=None, recovery={"steps": 0, "tokens": 0},
@@ -217,15 +224,19 @@ def run_compare(args: CompareArgs, log=print) -> dict:
                                                 weighting=args.weighting,
                                                 amp=None if args.amp == "none" else args.amp),
                                         **overrides})
+                # recovered already, only the zero-shot settings changed: the final
+                # recovery checkpoint restores the student (else recovery runs again, seeded)
                 student = make_student(model, sel.keep)
                 student, summary = recover(student, model, data, cfg, keep=sel.keep,
                                            seed=args.seed, run_dir=str(method_dir),
-                                           resume=args.resume, progress=args.progress)
-                summary["seconds"] = time.time() - t
-                res["recovery"] = summary
-                res["ppl_after"] = ppl(student) if summary["steps"] else res["ppl_before"]
+                                           resume=args.resume or recovered,
+                                           progress=args.progress)
+                if not recovered:
+                    summary["seconds"] = time.time() - t
+                    res["recovery"] = summary
+                    res["ppl_after"] = ppl(student) if summary["steps"] else res["ppl_before"]
                 res["zeroshot"] = zeroshot(student)
-                if args.export:
+                if args.export and not recovered:
                     res["export"] = str(export_pruned(
                         student, list(range(len(sel.keep))), method_dir / "model", tok,
                         info={"original_num_layers": n_layers, "kept_layers": sel.keep,
@@ -233,7 +244,8 @@ def run_compare(args: CompareArgs, log=print) -> dict:
                               "source": args.model, "recovery_tokens": summary["tokens"],
                               "search_tokens": sel.tokens}))
                 del student
-            res["eval_seconds"] = time.time() - t
+            res["zeroshot_settings"] = zs_settings
+            res["eval_seconds" if not recovered else "zeroshot_eval_seconds"] = time.time() - t
             save()
         log(f"{name}: ppl before {res['ppl_before']:.2f}, after "
             f"{res['ppl_after'] if res['ppl_after'] is None else round(res['ppl_after'], 2)}")

@@ -61,6 +61,29 @@ def test_every_method_one_table_and_resume(tmp_path, monkeypatch):
     with pytest.raises(PruneError, match="different settings"):
         run_compare(_args(tmp_path, model_dir, train, held, resume=True, recovery_tokens=128))
 
+    # other zero-shot settings on resume: only the zero-shot columns are evaluated again, on
+    # the students restored from their final recovery checkpoints (no search, no training)
+    import e3pruner.distill as distill
+
+    def no_training(*_a, **_k):
+        raise AssertionError("recovery trained again")
+
+    monkeypatch.setattr(distill.torch.optim.AdamW, "step", no_training)
+    more = run_compare(_args(tmp_path, model_dir, train, held, resume=True, zeroshot_limit=4),
+                       log=lambda *_: None)
+    for name in names:
+        m, old = more["methods"][name], report["methods"][name]
+        assert m["zeroshot"]["arc_easy"]["n"] == 4
+        assert m["ppl_after_recovery"] == old["ppl_after_recovery"]
+        assert m["search_seconds"] == old["search_seconds"]
+    assert more["teacher"]["zeroshot"]["arc_easy"]["n"] == 4
+    monkeypatch.undo()
+    fresh = run_compare(_args(tmp_path, model_dir, train, held, zeroshot_limit=4,
+                              out=str(tmp_path / "fresh")), log=lambda *_: None)
+    for name in names:
+        assert more["methods"][name]["zeroshot"]["average"] == pytest.approx(
+            fresh["methods"][name]["zeroshot"]["average"])
+
 
 def test_bad_input_fails_before_work(tmp_path):
     model_dir, train, held = tiny_model_dir(tmp_path, "qwen3")

@@ -117,6 +117,7 @@ def test_bench_decode_cli_on_tiny_models(tmp_path, capsys, one_thread):
         o, p = r["models"]["original"], r["models"]["pruned"]
         assert len(o["raw"]["decode_s"]) == len(p["raw"]["decode_s"]) == 2
         assert r["speedup"] == pytest.approx(p["tokens_per_s"]["median"] / o["tokens_per_s"]["median"])
+        assert r["speedup_best"] == pytest.approx(min(o["raw"]["decode_s"]) / min(p["raw"]["decode_s"]))
         assert r["ideal_bytes"] == pytest.approx(wb["original"]["total"] / wb["pruned"]["total"])
         assert r["ideal_naive"] == pytest.approx(1.5)
         assert r["ideal_bytes"] < r["ideal_bytes_kv"] < r["ideal_naive"]
