@@ -19,11 +19,22 @@
 // at::parallel_for threads, so N = 1 still uses every thread, and results are deterministic.
 // GEMMs: the Fortran sgemm_ of the BLAS inside libtorch (MKL on x86 wheels), called from each
 // worker (single-threaded there), else at::mm_out / at::addmm_out on the tiles.
-// Low-precision inputs are converted to fp32 per tile (per chunk for the hidden states).
+// Low-precision inputs are converted to fp32 per tile (per chunk for the hidden states), except
+// a side whose hidden states and head are both bf16 on a CPU with AVX512_BF16: its tile GEMMs
+// (logits, backward recompute, grad_hs / grad_ws) run as bf16 x bf16 -> fp32 on oneDNN's
+// brgemm micro-kernel (fp32 logits tiles; dz rounded to bf16 as a GEMM input only, fp32 sums).
 // See docs/fused_kd_cpp.md.
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -33,6 +44,8 @@
 #include <limits>
 #include <sstream>
 #include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "registry.h"
@@ -82,6 +95,223 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, 
     at::mm_out(c, a, b);
   } else {
     at::addmm_out(c, c, a, b, beta, 1.0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// bf16 x bf16 -> fp32 GEMM: oneDNN's brgemm micro-kernel as exported by libtorch
+// (at::native::cpublas::brgemm, the one FlashAttention uses): C[M,N] (+)= A[M,K] B[K,N], A
+// row-major bf16, B bf16 in the VNNI-2 layout (element (k, n) at ((k / 2) * ldb + n) * 2 + k % 2),
+// C fp32 row-major, single-threaded (runs inside our workers). torch itself only takes it with
+// AMX (it can pack B only there); we pack B ourselves, which the kernel accepts on any
+// AVX-512 CPU. We use it where the CPU has AVX512_BF16 (vdpbf16ps): on Zen 4 it runs at ~2x
+// MKL's sgemm (MKL's own bf16 GEMM takes no bf16 path on AMD). K is always even here (the
+// operands are zero-padded), so no K tail is ever handed to the kernel.
+// ------------------------------------------------------------------------------------------
+using bf16_t = uint16_t;  // raw bfloat16 bits
+
+std::atomic<bool> g_bf16_gemm_enabled{true};  // fused_kd_set_bf16_gemm(False) forces fp32
+
+// CPUBLAS_BRGEMM_BF16BF16F32: defined by CPUBlas.h of the torch versions that export it.
+inline void brgemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                        bool add_c, const bf16_t* A, const bf16_t* B, float* C) {
+  if (M == 0 || N == 0) return;
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c,
+                              reinterpret_cast<const at::BFloat16*>(A),
+                              reinterpret_cast<const at::BFloat16*>(B), C, /*is_vnni=*/true);
+#else
+  TORCH_CHECK(false, "this torch has no cpublas::brgemm (bf16)");
+#endif
+}
+
+// Ends a worker's run of brgemm calls (releases the AMX tile state where there is one).
+inline void brgemm_done() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  at::native::cpublas::brgemm_release(true);
+#endif
+}
+
+// float -> bf16, round to nearest even (NaN stays NaN), the rounding of c10::BFloat16.
+inline bf16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? bf16_t(0x7FC0) : static_cast<bf16_t>(r);
+}
+
+// Why the CPU cannot take the bf16 route (empty: it can). Checked once: x86-64 with AVX512_BF16
+// and without AMX, and a brgemm that runs and gives the right numbers on a small ragged probe.
+// AMX CPUs are left on the fp32 route: there the kernel runs on AMX tiles, which torch itself
+// feeds with B packed in 64-column blocks; our full-block layout is validated on AVX512_BF16 only.
+const std::string& bf16_gemm_cpu_reason() {
+  static const std::string reason = []() -> std::string {
+#if !defined(CPUBLAS_BRGEMM_BF16BF16F32)
+    return "this torch has no cpublas::brgemm (bf16)";
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512bf16")) return "the CPU has no AVX512_BF16";
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 22))) {
+      return "AMX-BF16 CPU (not validated for this B layout)";
+    }
+#else
+    return "not an x86-64 build";
+#endif
+    try {
+      // A [3 x 4] (k even), B [4 x 5] in VNNI-2, C = A B: small integers, exact in bf16 / fp32.
+      constexpr int64_t M = 3, N = 5, K = 4;
+      bf16_t a[M * K], b[K * N];
+      float c[M * N], want[M * N];
+      auto bf = [](float v) { return to_bf16(v); };
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t k = 0; k < K; ++k) a[i * K + k] = bf(static_cast<float>(i + 2 * k - 3));
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < N; ++n) b[((k / 2) * N + n) * 2 + k % 2] = bf(static_cast<float>(k - n + 1));
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          float acc = 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += static_cast<float>((i + 2 * k - 3) * (k - n + 1));
+          want[i * N + n] = acc;
+          c[i * N + n] = 1000.f;
+        }
+      brgemm_bf16(M, N, K, K, N, N, false, a, b, c);
+      brgemm_done();
+      for (int64_t i = 0; i < M * N; ++i)
+        if (c[i] != want[i]) return "cpublas::brgemm (bf16) gave wrong results on this CPU";
+    } catch (const std::exception& e) {
+      return std::string("cpublas::brgemm (bf16) is not usable: ") + e.what();
+    }
+    return "";
+  }();
+  return reason;
+}
+
+// Why the bf16 route is off right now (empty: on).
+std::string bf16_gemm_off_reason() {
+  if (!g_bf16_gemm_enabled.load(std::memory_order_relaxed)) {
+    return "disabled by fused_kd_set_bf16_gemm(False)";
+  }
+  // brgemm refuses to run while oneDNN is disabled; checked before the (cached) probe.
+  if (!at::globalContext().userEnabledMkldnn()) return "oneDNN is disabled (torch.backends.mkldnn)";
+  return bf16_gemm_cpu_reason();
+}
+
+// Whether a side whose hidden states and head are both bf16 takes the bf16 GEMM route.
+bool use_bf16_gemm(const at::Tensor& h, const at::Tensor& w) {
+  return h.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+         bf16_gemm_off_reason().empty();
+}
+
+// Transpose of 32-bit elements: dst[c * ldd + r] = src element (r, c), where row r starts at byte
+// src + r * row_bytes (any alignment). CVT: the elements are fp32 and dst gets them as bf16.
+template <bool CVT>
+void transpose32(const char* src, int64_t row_bytes, int64_t rows, int64_t cols,
+                 std::conditional_t<CVT, bf16_t, uint32_t>* dst, int64_t ldd) {
+  auto load = [&](int64_t r, int64_t c) {
+    uint32_t u;
+    std::memcpy(&u, src + r * row_bytes + c * 4, 4);
+    return u;
+  };
+  auto put = [&](int64_t r, int64_t c, uint32_t u) {
+    if constexpr (CVT) {
+      float f;
+      std::memcpy(&f, &u, 4);
+      dst[c * ldd + r] = to_bf16(f);
+    } else {
+      dst[c * ldd + r] = u;
+    }
+  };
+  int64_t r16 = 0, c16 = 0;
+#if defined(__AVX512F__)
+  r16 = rows / 16 * 16;
+  c16 = cols / 16 * 16;
+  for (int64_t r0 = 0; r0 < r16; r0 += 16) {
+    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+      __m512i x[16], t[16];
+      for (int i = 0; i < 16; ++i) x[i] = _mm512_loadu_si512(src + (r0 + i) * row_bytes + c0 * 4);
+      for (int i = 0; i < 16; i += 2) {  // 2x2 blocks of 32 bits inside each 128-bit lane
+        t[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
+      }
+      // u[4g + c]: lane L holds column 4L + c of rows 4g .. 4g + 3
+      __m512i u[16];
+      for (int g = 0; g < 4; ++g) {
+        u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+      }
+      for (int c = 0; c < 4; ++c) {  // 4x4 transpose of 128-bit lanes
+        const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+        const __m512i y0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i y1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
+        x[c] = _mm512_shuffle_i32x4(x0, y0, _MM_SHUFFLE(2, 0, 2, 0));       // column c
+        x[4 + c] = _mm512_shuffle_i32x4(x1, y1, _MM_SHUFFLE(2, 0, 2, 0));   // column 4 + c
+        x[8 + c] = _mm512_shuffle_i32x4(x0, y0, _MM_SHUFFLE(3, 1, 3, 1));   // column 8 + c
+        x[12 + c] = _mm512_shuffle_i32x4(x1, y1, _MM_SHUFFLE(3, 1, 3, 1));  // column 12 + c
+      }
+      for (int j = 0; j < 16; ++j) {
+        if constexpr (CVT) {  // to_bf16 on 16 lanes
+          const __m512i v = x[j];
+          const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(v, 16), _mm512_set1_epi32(1));
+          const __m512i r = _mm512_srli_epi32(
+              _mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+          const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+              _mm512_and_si512(v, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+          const __m512i rr = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + j) * ldd + r0),
+                              _mm512_cvtepi32_epi16(rr));
+        } else {
+          _mm512_storeu_si512(dst + (c0 + j) * ldd + r0, x[j]);
+        }
+      }
+    }
+  }
+#endif
+  // Edges (everything without AVX-512), in 16 x 16 blocks for locality.
+  for (int64_t rb = 0; rb < rows; rb += 16) {
+    for (int64_t cb = 0; cb < cols; cb += 16) {
+      if (rb < r16 && cb < c16) continue;
+      const int64_t re = std::min(rows, rb + 16), ce = std::min(cols, cb + 16);
+      for (int64_t r = rb; r < re; ++r)
+        for (int64_t c = cb; c < ce; ++c) put(r, c, load(r, c));
+    }
+  }
+}
+
+// One VNNI-2 row pair: dst[2 j] = r0[j], dst[2 j + 1] = r1[j] (0 when r1 is null), j < n.
+inline void interleave_rows(const bf16_t* __restrict r0, const bf16_t* __restrict r1, int64_t n,
+                            bf16_t* __restrict dst) {
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  if (r1 == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) d[j] = r0[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) d[j] = uint32_t(r0[j]) | (uint32_t(r1[j]) << 16);
+  }
+}
+
+// Rows [r0, r0 + n) of a row-major bf16 matrix [*, D] as a VNNI-2 B operand [K = n, N = D]
+// (pairs of rows; an odd last row is paired with zeros): dst holds ceil(n / 2) * 2 * D values.
+void pack_rows_k(const bf16_t* x, int64_t D, int64_t r0, int64_t n, bf16_t* dst) {
+  for (int64_t p = 0; 2 * p < n; ++p) {
+    const bf16_t* a = x + (r0 + 2 * p) * D;
+    interleave_rows(a, 2 * p + 1 < n ? a + D : nullptr, D, dst + p * 2 * D);
+  }
+}
+
+// Rows [v0, v0 + n) of a bf16 head [*, D] as the VNNI-2 B operand of z = h w^T:
+// B[K = Kp, N = n] with B[k][j] = w[v0 + j][k] (k >= D: 0); dst holds Kp * n values (ldb = n).
+void pack_rows_t(const bf16_t* w, int64_t D, int64_t v0, int64_t n, bf16_t* dst) {
+  const int64_t pairs = D / 2;
+  transpose32<false>(reinterpret_cast<const char*>(w + v0 * D), D * 2, n, pairs,
+                     reinterpret_cast<uint32_t*>(dst), n);
+  if (D % 2 == 1) {  // last k pair: (w[.][D - 1], 0)
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst) + pairs * n;
+    for (int64_t j = 0; j < n; ++j) d[j] = w[(v0 + j) * D + D - 1];
   }
 }
 
@@ -255,9 +485,13 @@ inline void tile_row_grad_ce_only(float* __restrict s, int64_t n, float inv_t, f
 struct Operand {
   at::Tensor t;  // contiguous
   const float* f32 = nullptr;
+  const bf16_t* bf16 = nullptr;
   int64_t D = 0;
   explicit Operand(const at::Tensor& x) : t(x.contiguous()), D(x.size(1)) {
     if (t.scalar_type() == at::kFloat) f32 = t.data_ptr<float>();
+    if (t.scalar_type() == at::kBFloat16) {
+      bf16 = reinterpret_cast<const bf16_t*>(t.data_ptr<at::BFloat16>());
+    }
   }
   // fp32 rows [r0, r0 + n): a pointer into the tensor, or a conversion into buf (n * D floats).
   const float* rows(int64_t r0, int64_t n, float* buf) const {
@@ -266,6 +500,72 @@ struct Operand {
     return buf;
   }
   bool needs_buffer() const { return f32 == nullptr; }
+};
+
+// One side of the logits, z = h w^T (student: hs, ws; teacher: ht, wt), with its GEMM route:
+//  - fp32 (sgemm_, or at::mm_out): fp32 rows of h per chunk, of w per (chunk, block), converted
+//    from bf16 / fp16 into buffers when needed;
+//  - bf16 (both h and w bf16, see use_bf16_gemm): bf16 x bf16 -> fp32 brgemm on the tensors' own
+//    bf16 values (A = h rows, zero-padded to an even K when D is odd; B = the head block packed
+//    to VNNI-2 per (chunk, block) by each thread). The products of bf16 values are exact in fp32
+//    and the sums are fp32, as with sgemm on the converted values: the logits keep fp32 accuracy.
+struct Side {
+  Operand h, w;
+  bool bf16;
+  int64_t D, Kp;  // Kp: D rounded up to even (the bf16 route's K)
+  // current chunk
+  int64_t nc = 0;
+  const float* h32 = nullptr;   // fp32 route: [nc, D]
+  const bf16_t* hA = nullptr;   // bf16 route: [nc, lda]
+  int64_t lda = 0;
+  std::vector<float> hbuf32, wbuf32;  // fp32 route conversions: [nc_max, D], T x [kBlockV, D]
+  std::vector<bf16_t> hbufA, wpack;   // bf16 route: [nc_max, Kp] (odd D), T x [Kp, kBlockV]
+
+  Side(const at::Tensor& h_, const at::Tensor& w_, int T, int64_t nc_max)
+      : h(h_), w(w_), bf16(use_bf16_gemm(h_, w_)), D(h.D), Kp(D + D % 2) {
+    if (bf16) {
+      if (D % 2 == 1) hbufA.assign(static_cast<size_t>(nc_max * Kp), 0);
+      wpack.resize(static_cast<size_t>(T) * Kp * kBlockV);
+    } else {
+      if (h.needs_buffer()) hbuf32.resize(static_cast<size_t>(nc_max * D));
+      if (w.needs_buffer()) wbuf32.resize(static_cast<size_t>(T) * kBlockV * D);
+    }
+  }
+
+  // Prepares rows [n0, n0 + nc) of h (called outside the parallel region).
+  void set_chunk(int64_t n0, int64_t nc_) {
+    nc = nc_;
+    if (!bf16) {
+      h32 = h.rows(n0, nc, hbuf32.data());
+      return;
+    }
+    const bf16_t* src = h.bf16 + n0 * D;
+    if (D % 2 == 0) {
+      hA = src;
+      lda = D;
+      return;
+    }
+    for (int64_t i = 0; i < nc; ++i) {  // pad column D stays 0
+      std::memcpy(hbufA.data() + i * Kp, src + i * D, D * sizeof(bf16_t));
+    }
+    hA = hbufA.data();
+    lda = Kp;
+  }
+
+  // z[nc, bv] = h_chunk w[v0 : v0 + bv]^T in fp32 (thread tid). Returns the fp32 head rows the
+  // fp32 route used (for the gradient GEMMs), nullptr on the bf16 route.
+  const float* logits(int tid, int64_t v0, int64_t bv, float* z, bool use_blas) {
+    if (bf16) {
+      bf16_t* bp = wpack.data() + static_cast<int64_t>(tid) * Kp * kBlockV;
+      pack_rows_t(w.bf16, D, v0, bv, bp);
+      brgemm_bf16(nc, bv, Kp, lda, bv, bv, false, hA, bp, z);
+      return nullptr;
+    }
+    float* buf = w.needs_buffer() ? wbuf32.data() + static_cast<int64_t>(tid) * kBlockV * D : nullptr;
+    const float* wb = w.rows(v0, bv, buf);
+    gemm_rm(false, true, nc, bv, D, h32, D, wb, D, 0.f, z, bv, use_blas);
+    return wb;
+  }
 };
 
 std::string shape_str(const at::Tensor& x) {
@@ -377,26 +677,19 @@ void run_groups(const Groups& gr, bool nested, int T, const F& body) {
 // Forward
 // ------------------------------------------------------------------------------------------
 template <bool REV, bool CE_SEP>
-void forward_chunk_tiles(const Operand& ws, const Operand& wt, const float* hsc, const float* htc,
-                         int64_t nc, int64_t V, float inv_t, const int64_t* lab_chunk,
-                         bool track_label, const Groups& gr, std::vector<float>& tiles,
-                         std::vector<float>& wbuf_s, std::vector<float>& wbuf_t,
-                         std::vector<Stats>& slots, int64_t nc_max, bool nested, int T,
-                         bool use_blas) {
-  const int64_t Ds = ws.D, Dt = wt.D;
+void forward_chunk_tiles(Side& S, Side& Tc, int64_t nc, int64_t V, float inv_t,
+                         const int64_t* lab_chunk, bool track_label, const Groups& gr,
+                         std::vector<float>& tiles, std::vector<Stats>& slots, int64_t nc_max,
+                         bool nested, int T, bool use_blas) {
   run_groups(gr, nested, T, [&](int tid, int64_t g) {
     float* zs = tiles.data() + static_cast<int64_t>(tid) * 2 * nc_max * kBlockV;
     float* zt = zs + nc_max * kBlockV;
-    float* bs = ws.needs_buffer() ? wbuf_s.data() + tid * kBlockV * Ds : nullptr;
-    float* bt = wt.needs_buffer() ? wbuf_t.data() + tid * kBlockV * Dt : nullptr;
     Stats* st = slots.data() + g * nc_max;
     Stats tile;
     for (int64_t vb = gr.lo(g); vb < gr.hi(g); ++vb) {
       const int64_t v0 = vb * kBlockV, bv = std::min(kBlockV, V - v0);
-      const float* wsb = ws.rows(v0, bv, bs);
-      const float* wtb = wt.rows(v0, bv, bt);
-      gemm_rm(false, true, nc, bv, Ds, hsc, Ds, wsb, Ds, 0.f, zs, bv, use_blas);
-      gemm_rm(false, true, nc, bv, Dt, htc, Dt, wtb, Dt, 0.f, zt, bv, use_blas);
+      S.logits(tid, v0, bv, zs, use_blas);
+      Tc.logits(tid, v0, bv, zt, use_blas);
       for (int64_t i = 0; i < nc; ++i) {
         tile_row_stats<REV, CE_SEP>(zs + i * bv, zt + i * bv, bv, inv_t, tile);
         tile.lab = 0.0;
@@ -407,6 +700,7 @@ void forward_chunk_tiles(const Operand& ws, const Operand& wt, const float* hsc,
         merge(st[i], tile, REV, CE_SEP);
       }
     }
+    if (S.bf16 || Tc.bf16) brgemm_done();
   });
 }
 
@@ -433,17 +727,11 @@ std::vector<at::Tensor> fused_kd_forward(const at::Tensor& hs, const at::Tensor&
   const bool ce_sep = compute_ce && inv_t != 1.f;
   const bool track_label = compute_ce;
   const bool use_blas = blas_available();
-  const Operand hs_op(hs), ws_op(ws), ht_op(ht), wt_op(wt);
-  const int64_t Ds = hs_op.D, Dt = ht_op.D;
-
   const bool nested = at::in_parallel_region();
   const int T = nested ? 1 : std::max(1, at::get_num_threads());
   const int64_t nc_max = std::min(N, kChunkN);
+  Side S(hs, ws, T, nc_max), Tc(ht, wt, T, nc_max);
   std::vector<float> tiles(static_cast<size_t>(T) * 2 * nc_max * kBlockV);
-  std::vector<float> wbuf_s(ws_op.needs_buffer() ? static_cast<size_t>(T) * kBlockV * Ds : 0);
-  std::vector<float> wbuf_t(wt_op.needs_buffer() ? static_cast<size_t>(T) * kBlockV * Dt : 0);
-  std::vector<float> hbuf_s(hs_op.needs_buffer() ? nc_max * Ds : 0);
-  std::vector<float> hbuf_t(ht_op.needs_buffer() ? nc_max * Dt : 0);
   const Groups gr = make_groups((V + kBlockV - 1) / kBlockV, T, 0);
   std::vector<Stats> slots(static_cast<size_t>(gr.G) * nc_max);
 
@@ -457,13 +745,13 @@ std::vector<at::Tensor> fused_kd_forward(const at::Tensor& hs, const at::Tensor&
 
   for (int64_t n0 = 0; n0 < N; n0 += kChunkN) {
     const int64_t nc = std::min(kChunkN, N - n0);
-    const float* hsc = hs_op.rows(n0, nc, hbuf_s.data());
-    const float* htc = ht_op.rows(n0, nc, hbuf_t.data());
+    S.set_chunk(n0, nc);
+    Tc.set_chunk(n0, nc);
     for (auto& s : slots) s.reset();
     const int64_t* lab_chunk = labp ? labp + n0 : nullptr;
-#define E3_FWD_CALL(R, C)                                                                       \
-  forward_chunk_tiles<R, C>(ws_op, wt_op, hsc, htc, nc, V, inv_t, lab_chunk, track_label, gr,     \
-                            tiles, wbuf_s, wbuf_t, slots, nc_max, nested, T, use_blas)
+#define E3_FWD_CALL(R, C)                                                                    \
+  forward_chunk_tiles<R, C>(S, Tc, nc, V, inv_t, lab_chunk, track_label, gr, tiles, slots,     \
+                            nc_max, nested, T, use_blas)
     if (reverse) {
       if (ce_sep) E3_FWD_CALL(true, true); else E3_FWD_CALL(true, false);
     } else {
@@ -509,28 +797,70 @@ struct RowCoef {
   int64_t label;  // -1 when no CE term for this row
 };
 
+// Gradient GEMMs of a bf16 student (bf16 route): dz is rounded to bf16 once per tile (the
+// GEMM inputs), the products are exact in fp32 and every sum stays in fp32 (the grad_hs slots
+// and grad_ws are fp32 accumulators; nothing is accumulated in bf16 across vocab blocks).
+struct Bf16Grad {
+  int64_t Ds = 0, ncp = 0, dz_stride = 0, dzt_stride = 0;
+  std::vector<bf16_t> hpack;            // hs chunk as B[K = ncp, N = Ds] (VNNI-2), for grad_ws
+  std::vector<bf16_t> dz, dzt, wpack;   // per thread: dz [nc, bvp], dz^T [bv, ncp], ws block B
+
+  void init(const Side& S, int T, int64_t nc_max, bool need_grad_ws) {
+    Ds = S.D;
+    const int64_t ncp_max = nc_max + nc_max % 2;
+    dz_stride = nc_max * kBlockV;
+    dzt_stride = kBlockV * ncp_max;
+    if (need_grad_ws) hpack.resize(static_cast<size_t>(ncp_max * Ds));
+    dz.resize(static_cast<size_t>(T * dz_stride));
+    dzt.resize(static_cast<size_t>(T * dzt_stride));
+    wpack.resize(static_cast<size_t>(T) * kBlockV * Ds);  // kBlockV is even: bvp <= kBlockV
+  }
+
+  void set_chunk(const Side& S, int64_t n0, int64_t nc, bool need_grad_ws) {
+    ncp = nc + nc % 2;
+    if (need_grad_ws) pack_rows_k(S.h.bf16, Ds, n0, nc, hpack.data());
+  }
+
+  // acc [nc, Ds] (+)= dz ws[v0 : v0 + bv];  gws[v0 : v0 + bv] += dz^T hs_chunk.
+  void run(int tid, const Side& S, const float* z, int64_t nc, int64_t v0, int64_t bv,
+           bool first, float* acc, float* gws) {
+    const int64_t bvp = bv + bv % 2;
+    bf16_t* a = dz.data() + tid * dz_stride;
+    bf16_t* a_t = dzt.data() + tid * dzt_stride;
+    bf16_t* bw = wpack.data() + static_cast<int64_t>(tid) * kBlockV * Ds;
+    for (int64_t i = 0; i < nc; ++i) {
+      const float* src = z + i * bv;
+      bf16_t* d = a + i * bvp;
+#pragma omp simd
+      for (int64_t j = 0; j < bv; ++j) d[j] = to_bf16(src[j]);
+      if (bvp != bv) d[bv] = 0;
+    }
+    pack_rows_k(S.w.bf16, Ds, v0, bv, bw);
+    brgemm_bf16(nc, Ds, bvp, bvp, Ds, Ds, !first, a, bw, acc);
+    if (gws != nullptr) {
+      transpose32<true>(reinterpret_cast<const char*>(z), bv * 4, nc, bv, a_t, ncp);
+      if (ncp != nc) {
+        for (int64_t v = 0; v < bv; ++v) a_t[v * ncp + nc] = 0;
+      }
+      brgemm_bf16(bv, Ds, ncp, ncp, Ds, Ds, true, a_t, hpack.data(), gws + v0 * Ds);
+    }
+  }
+};
+
 template <bool REV, int CE>
-void backward_chunk_tiles(const Operand& ws, const Operand& wt, const float* hsc, const float* htc,
-                          int64_t nc, int64_t V, float inv_t, const RowCoef* coef, bool need_t,
-                          float* gws, const Groups& gr, std::vector<float>& tiles,
-                          std::vector<float>& wbuf_s, std::vector<float>& wbuf_t,
-                          std::vector<float>& acc, int64_t nc_max, bool nested, int T,
-                          bool use_blas) {
-  const int64_t Ds = ws.D, Dt = wt.D;
+void backward_chunk_tiles(Side& S, Side& Tc, int64_t nc, int64_t V, float inv_t,
+                          const RowCoef* coef, bool need_t, float* gws, const Groups& gr,
+                          std::vector<float>& tiles, std::vector<float>& acc, Bf16Grad& bg,
+                          int64_t nc_max, bool nested, int T, bool use_blas) {
+  const int64_t Ds = S.D;
   run_groups(gr, nested, T, [&](int tid, int64_t g) {
     float* zs = tiles.data() + static_cast<int64_t>(tid) * 2 * nc_max * kBlockV;
     float* zt = zs + nc_max * kBlockV;
-    float* bs = ws.needs_buffer() ? wbuf_s.data() + tid * kBlockV * Ds : nullptr;
-    float* bt = wt.needs_buffer() ? wbuf_t.data() + tid * kBlockV * Dt : nullptr;
     float* acc_g = acc.data() + g * nc_max * Ds;
     for (int64_t vb = gr.lo(g); vb < gr.hi(g); ++vb) {
       const int64_t v0 = vb * kBlockV, bv = std::min(kBlockV, V - v0);
-      const float* wsb = ws.rows(v0, bv, bs);
-      gemm_rm(false, true, nc, bv, Ds, hsc, Ds, wsb, Ds, 0.f, zs, bv, use_blas);
-      if (need_t) {
-        const float* wtb = wt.rows(v0, bv, bt);
-        gemm_rm(false, true, nc, bv, Dt, htc, Dt, wtb, Dt, 0.f, zt, bv, use_blas);
-      }
+      const float* wsb = S.logits(tid, v0, bv, zs, use_blas);
+      if (need_t) Tc.logits(tid, v0, bv, zt, use_blas);
       for (int64_t i = 0; i < nc; ++i) {
         const RowCoef& c = coef[i];
         float* srow = zs + i * bv;
@@ -547,12 +877,17 @@ void backward_chunk_tiles(const Operand& ws, const Operand& wt, const float* hsc
         if (CE != 0 && c.label >= v0 && c.label < v0 + bv) srow[c.label - v0] -= c.c_ce;
       }
       // grad_hs slot of this group (+)= dz ws_blk ; grad_ws[blk] += dz^T hs_chunk
-      const float beta = vb == gr.lo(g) ? 0.f : 1.f;
-      gemm_rm(false, false, nc, Ds, bv, zs, bv, wsb, Ds, beta, acc_g, Ds, use_blas);
+      const bool first = vb == gr.lo(g);
+      if (S.bf16) {
+        bg.run(tid, S, zs, nc, v0, bv, first, acc_g, gws);
+        continue;
+      }
+      gemm_rm(false, false, nc, Ds, bv, zs, bv, wsb, Ds, first ? 0.f : 1.f, acc_g, Ds, use_blas);
       if (gws != nullptr) {
-        gemm_rm(true, false, bv, Ds, nc, zs, bv, hsc, Ds, 1.f, gws + v0 * Ds, Ds, use_blas);
+        gemm_rm(true, false, bv, Ds, nc, zs, bv, S.h32, Ds, 1.f, gws + v0 * Ds, Ds, use_blas);
       }
     }
+    if (S.bf16 || Tc.bf16) brgemm_done();
   });
 }
 
@@ -586,16 +921,14 @@ std::vector<at::Tensor> fused_kd_backward(
 
   const float inv_t = static_cast<float>(inv_temperature);
   const bool use_blas = blas_available();
-  const Operand hs_op(hs), ws_op(ws), ht_op(ht), wt_op(wt);
-  const int64_t Ds = hs_op.D, Dt = ht_op.D;
   const bool nested = at::in_parallel_region();
   const int T = nested ? 1 : std::max(1, at::get_num_threads());
   const int64_t nc_max = std::min(N, kChunkN);
+  Side S(hs, ws, T, nc_max), Tc(ht, wt, T, nc_max);
+  const int64_t Ds = S.D;
+  Bf16Grad bg;
+  if (S.bf16) bg.init(S, T, nc_max, need_grad_ws);
   std::vector<float> tiles(static_cast<size_t>(T) * 2 * nc_max * kBlockV);
-  std::vector<float> wbuf_s(ws_op.needs_buffer() ? static_cast<size_t>(T) * kBlockV * Ds : 0);
-  std::vector<float> wbuf_t(wt_op.needs_buffer() ? static_cast<size_t>(T) * kBlockV * Dt : 0);
-  std::vector<float> hbuf_s(hs_op.needs_buffer() ? nc_max * Ds : 0);
-  std::vector<float> hbuf_t(ht_op.needs_buffer() ? nc_max * Dt : 0);
   const Groups gr = make_groups((V + kBlockV - 1) / kBlockV, T, nc_max * Ds * 4);
   std::vector<float> acc(static_cast<size_t>(gr.G) * nc_max * Ds);
   std::vector<RowCoef> coef(nc_max);
@@ -629,13 +962,14 @@ std::vector<at::Tensor> fused_kd_backward(
       any_ce = any_ce || c.c_ce != 0.f;
     }
     if (!any_kl && !any_ce) continue;  // e.g. an all-ignored chunk: its gradient is zero
-    const float* hsc = hs_op.rows(n0, nc, hbuf_s.data());
-    const float* htc = any_kl ? ht_op.rows(n0, nc, hbuf_t.data()) : nullptr;
+    S.set_chunk(n0, nc);
+    if (any_kl) Tc.set_chunk(n0, nc);
+    if (S.bf16) bg.set_chunk(S, n0, nc, need_grad_ws);
     // CE mode: 1 = the unscaled softmax equals the scaled one (T == 1), 2 = separate.
     const int ce_mode = !any_ce ? 0 : (inv_t == 1.f ? 1 : 2);
-#define E3_BWD_CALL(R, C)                                                                          \
-  backward_chunk_tiles<R, C>(ws_op, wt_op, hsc, htc, nc, V, inv_t, coef.data(), any_kl, gws, gr,  \
-                             tiles, wbuf_s, wbuf_t, acc, nc_max, nested, T, use_blas)
+#define E3_BWD_CALL(R, C)                                                                       \
+  backward_chunk_tiles<R, C>(S, Tc, nc, V, inv_t, coef.data(), any_kl, gws, gr, tiles, acc, bg, \
+                             nc_max, nested, T, use_blas)
     if (reverse) {
       if (ce_mode == 0) E3_BWD_CALL(true, 0);
       else if (ce_mode == 1) E3_BWD_CALL(true, 1);
@@ -687,8 +1021,13 @@ pybind11::dict kernel_info() {
   d["chunk_n"] = kChunkN;
   d["block_v"] = kBlockV;
   d["gemm"] = blas_available() ? "sgemm_ (torch's BLAS)" : "at::mm_out";
+  const std::string why = bf16_gemm_off_reason();
+  d["gemm_bf16"] = why.empty() ? std::string("cpublas::brgemm (oneDNN, bf16 x bf16 -> fp32)")
+                               : "off: " + why;
   return d;
 }
+
+bool set_bf16_gemm(bool enabled) { return g_bf16_gemm_enabled.exchange(enabled); }
 
 }  // namespace
 
@@ -708,7 +1047,12 @@ void register_fused_kd(pybind11::module_& m) {
         py::arg("kl"), py::arg("student_lse_t1"), py::arg("inv_temperature"), py::arg("reverse"),
         py::arg("ignore_index"), py::arg("vocab_size"), py::arg("need_grad_ws"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("fused_kd_info", &kernel_info, "Tile sizes and GEMM route of the fused KD CPU kernel.");
+  m.def("fused_kd_info", &kernel_info, "Tile sizes and GEMM routes of the fused KD CPU kernel.");
+  m.def("fused_kd_set_bf16_gemm", &set_bf16_gemm,
+        "Enable (default) or disable the bf16 x bf16 -> fp32 GEMM route for sides whose hidden "
+        "states and head are both bf16 (disabled: fp32 sgemm on converted values). Returns the "
+        "previous setting. Process-wide.",
+        py::arg("enabled"));
 }
 
 E3_REGISTER(register_fused_kd);

@@ -41,6 +41,7 @@ from e3pruner.train import (
     atomic_write_text,
     autocast,
     cosine_lr,
+    head_input,
     rng_state,
     set_rng_state,
 )
@@ -360,11 +361,12 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
             sync = micro == cfg.grad_accum - 1
             with (nullcontext() if sync else no_sync()), autocast(device, cfg.amp):
                 hs = student_forward(ids)
-            hs2 = hs.reshape(-1, hs.shape[-1])
+            hs2 = head_input(hs.reshape(-1, hs.shape[-1]), cfg.amp)
             if cache is None:
                 with torch.no_grad(), autocast(device, cfg.amp):
                     ht = final_hidden(teacher, ids)
-                out = fused_linear_kd_loss(hs2, ws, ht.reshape(-1, ht.shape[-1]), wt,
+                ht2 = head_input(ht.reshape(-1, ht.shape[-1]), cfg.amp)
+                out = fused_linear_kd_loss(hs2, ws, ht2, wt,
                                            temperature=cfg.temperature, kl=cfg.kl,
                                            weighting=cfg.weighting, reduction="sum")
             else:

@@ -60,7 +60,7 @@ from e3pruner.methods.base import (
 )
 from e3pruner.methods.e3 import batch_at
 from e3pruner.models.families import decoder_layers, lm_head
-from e3pruner.train import MetricsLog, autocast, cosine_lr, exp_anneal
+from e3pruner.train import MetricsLog, autocast, cosine_lr, exp_anneal, head_input
 
 
 @dataclass
@@ -113,8 +113,8 @@ def initial_start(model, data: PruneData, n_prune: int, cfg: CLPConfig, batch_si
 def _kd_loss(hs, ht, weight, cfg: CLPConfig):
     from e3kernels import fused_linear_kd_loss
 
-    return fused_linear_kd_loss(hs.reshape(-1, hs.shape[-1]), weight,
-                                ht.reshape(-1, ht.shape[-1]), weight,
+    return fused_linear_kd_loss(head_input(hs.reshape(-1, hs.shape[-1]), cfg.amp), weight,
+                                head_input(ht.reshape(-1, ht.shape[-1]), cfg.amp), weight,
                                 weighting=cfg.weighting, temperature=cfg.temperature).loss
 
 

@@ -32,6 +32,7 @@ from e3pruner.train import (
     MetricsLog,
     autocast,
     exp_anneal,
+    head_input,
     rng_state,
     set_rng_state,
 )
@@ -55,11 +56,11 @@ class E3Config:
     amp: str | None = None  # "bf16": autocast the frozen model's forward/backward
 
 
-def _kd(hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor, **kw):
+def _kd(hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor, amp: str | None = None, **kw):
     from e3kernels import fused_linear_kd_loss
 
-    return fused_linear_kd_loss(hs.reshape(-1, hs.shape[-1]), weight,
-                                ht.reshape(-1, ht.shape[-1]), weight, **kw)
+    return fused_linear_kd_loss(head_input(hs.reshape(-1, hs.shape[-1]), amp), weight,
+                                head_input(ht.reshape(-1, ht.shape[-1]), amp), weight, **kw)
 
 
 @torch.no_grad()
@@ -189,7 +190,7 @@ def _score_function_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, se
         mask = torch.zeros(rows, n, device=alpha.device).scatter_(1, order, 1.0)
         with autocast(alpha.device, cfg.amp):
             hs, ht = student_and_teacher_hidden(model, dist.shard(ids), dist.shard(mask))
-        out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature,
+        out = _kd(hs, ht, weight, cfg.amp, weighting=cfg.weighting, temperature=cfg.temperature,
                   reduction="none")
         per_row = dist.all_gather_cat(out.loss.reshape(hs.shape[0], -1).float().mean(1))
         baseline = (per_row.sum() - per_row) / (rows - 1)
@@ -279,7 +280,8 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
                 mask = dist.shard(m) if cfg.per_sample else m[0]
                 with autocast(device, cfg.amp):
                     hs, ht = student_and_teacher_hidden(model, dist.shard(ids), mask)
-                out = _kd(hs, ht, weight, weighting=cfg.weighting, temperature=cfg.temperature)
+                out = _kd(hs, ht, weight, cfg.amp, weighting=cfg.weighting,
+                          temperature=cfg.temperature)
                 out.loss.backward()
                 dist.average_grads_([alpha])
                 loss = dist.all_reduce_sum_(out.loss.detach().reshape(1)).item() / dist.world_size

@@ -238,10 +238,12 @@ def test_non_contiguous_inputs(C):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_run_to_run_bitwise_deterministic(C):
-    """Vocab groups are taken dynamically by the threads but merged in a fixed order."""
+@pytest.mark.parametrize("dtype,Ds,seed", [(torch.float32, 63, 13), (torch.bfloat16, 64, 23)])
+def test_run_to_run_bitwise_deterministic(C, dtype, Ds, seed):
+    """Vocab groups are taken dynamically by the threads but merged in a fixed order (fp32
+    route, and the bf16 route where the machine has it)."""
     N, V = 300, 4097
-    hs, ws, ht, wt, lab = _inputs(N, V, V, 63, 48, torch.float32, seed=13)
+    hs, ws, ht, wt, lab = _inputs(N, V, V, Ds, 48, dtype, seed=seed)
     runs = []
     for _ in range(2):
         out = C.fused_kd_forward(hs, ws, ht, wt, lab, 0.7, False, IGNORE, V, True)
@@ -250,6 +252,86 @@ def test_run_to_run_bitwise_deterministic(C):
         runs.append(list(out) + list(grads))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 GEMM route: a side whose hidden states and head are both bf16 runs its tile GEMMs as
+# bf16 x bf16 -> fp32 (oneDNN brgemm) where the CPU has AVX512_BF16; every case runs on both
+# routes (fused_kd_set_bf16_gemm) against the same contract.
+# --------------------------------------------------------------------------------------------
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-gemm", "fp32-gemm"])
+def bf16_route(C, request):
+    prev = C.fused_kd_set_bf16_gemm(request.param)
+    try:
+        route = C.fused_kd_info()["gemm_bf16"]
+        if request.param and not route.startswith("cpublas::brgemm"):
+            pytest.skip(f"no bf16 GEMM route on this machine: {route}")
+        if not request.param:
+            assert route.startswith("off"), route
+        yield request.param
+    finally:
+        C.fused_kd_set_bf16_gemm(prev)
+
+
+def test_bf16_route_available_where_the_cpu_has_avx512_bf16(C):
+    """AVX512_BF16 without AMX (e.g. Zen 4): the route must be on (AMX CPUs stay on fp32)."""
+    flags = _cpu_flags()
+    if "avx512_bf16" not in flags or "amx_bf16" in flags or not torch.backends.mkldnn.is_available():
+        pytest.skip("no AVX512_BF16, an AMX CPU, or no oneDNN: the bf16 route is expected off")
+    prev = C.fused_kd_set_bf16_gemm(True)
+    try:
+        assert C.fused_kd_info()["gemm_bf16"].startswith("cpublas::brgemm"), C.fused_kd_info()
+    finally:
+        C.fused_kd_set_bf16_gemm(prev)
+
+
+BF16_CASES = [
+    # ragged: a last chunk of 1 token (N = 257) and a last vocab block of 1 row (V = 513),
+    # Ds != Dt, T = 1 (CE shares the student softmax)
+    ("N257-V513-Ds576-Dt320-fwd-ce", dict(N=257, Vs=513, Vt=513, Ds=576, Dt=320, ce=True)),
+    # odd Ds (K zero-padded to even), odd last chunk (255 tokens) and block (185 rows)
+    ("N511-V3001-Ds575-Dt64-rev-ce-T07", dict(N=511, Vs=3001, Vt=3001, Ds=575, Dt=64, T=0.7,
+                                              reverse=True, ce=True)),
+    ("N300-V4097-Ds63-Dt80-T2-fwd-ce", dict(N=300, Vs=4097, Vt=4097, Ds=63, Dt=80, T=2.0,
+                                            ce=True)),
+    ("N1-V1000-Ds64-Dt63-nolabels", dict(N=1, Vs=1000, Vt=1000, Ds=64, Dt=63, labels=False)),
+    ("N37-pad-rev-nogws", dict(N=37, Vs=1100, Vt=1050, V=1000, Ds=48, Dt=63, reverse=True,
+                               need_grad_ws=False)),
+]
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in BF16_CASES], ids=[c[0] for c in BF16_CASES])
+def test_bf16_matches_fp64_reference(C, bf16_route, kwargs):
+    _run_case(C, dtype=torch.bfloat16, **kwargs)
+
+
+@pytest.mark.parametrize("dtypes", [
+    (torch.bfloat16, torch.float32),   # bf16 student route, fp32 teacher (sgemm)
+    (torch.float32, torch.bfloat16),   # fp32 student (sgemm), bf16 teacher route
+    (torch.bfloat16, torch.float16),   # bf16 student route, fp16 teacher (converted to fp32)
+], ids=["s-bf16-t-fp32", "s-fp32-t-bf16", "s-bf16-t-fp16"])
+def test_bf16_route_per_side(C, bf16_route, dtypes):
+    s_dt, t_dt = dtypes
+    N, V, Ds, Dt = 300, 1537, 96, 80
+    hs, ws, ht, wt, lab = _inputs(N, V, V, Ds, Dt, torch.float32, seed=21)
+    inputs = (hs.to(s_dt), ws.to(s_dt), ht.to(t_dt), wt.to(t_dt), lab)
+    _run_case(C, N=N, Vs=V, Vt=V, Ds=Ds, Dt=Dt, T=1.5, ce=True, inputs=inputs)
+
+
+def test_bf16_route_off_while_onednn_is_disabled(C):
+    """brgemm refuses to run with oneDNN disabled: the bf16 sides then take the fp32 route."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert C.fused_kd_info()["gemm_bf16"].startswith("off"), C.fused_kd_info()
+        _run_case(C, N=37, Vs=1000, Vt=1000, Ds=64, Dt=48, T=1.5, ce=True, dtype=torch.bfloat16)
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -204,3 +204,35 @@ def test_recovery_scopes_and_teacher_cache(tmp_path, scope, teacher):
 
 def np_isfinite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
+
+
+@pytest.mark.parametrize("teacher", ["live", "cache"])
+def test_recovery_under_bf16_amp_feeds_the_head_bf16(tmp_path, teacher):
+    """amp="bf16": the KD loss gets bf16 hidden states (its bf16 GEMM path), as autocast would
+    give the LM head; every step's loss stays within 5% of the fp32 run's."""
+    from e3pruner.data import TokenBlocks, tokenize_stream
+    from e3pruner.distill import RecoveryConfig, make_student, recover
+    from e3pruner.methods.base import PruneData
+    from e3pruner.train import head_input
+    from tests.pruner.tiny_models import markov_text, tiny_model, word_tokenizer
+
+    h = torch.randn(3, 5, requires_grad=True)
+    assert head_input(h, "bf16").dtype == torch.bfloat16 and head_input(h, None) is h
+    head_input(h, "bf16").float().sum().backward()
+    assert torch.equal(h.grad, torch.ones_like(h))
+
+    model = tiny_model("llama")
+    stream = tokenize_stream(markov_text(60, seed=5).split("\n\n"), word_tokenizer())
+    blocks = TokenBlocks(stream, 32, seed=0)
+    data = PruneData(calib=blocks.take(2, 0), blocks=blocks, train_start=2)
+    keep = [0, 2, 3, 5]
+    losses = {}
+    for amp in (None, "bf16"):
+        run = tmp_path / str(amp)
+        cfg = RecoveryConfig(tokens=2 * 32 * 4, batch_size=2, lr=1e-3, teacher=teacher,
+                             cache_topk=16, amp=amp)
+        recover(make_student(model, keep), model, data, cfg, keep=keep, run_dir=str(run),
+                progress=False)
+        losses[amp] = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["bf16"]) == 4
+    assert losses["bf16"] == pytest.approx(losses[None], rel=0.05)
