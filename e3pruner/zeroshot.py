@@ -191,56 +191,186 @@ def model_max_length(model, tokenizer) -> int:
     return DEFAULT_MAX_LENGTH
 
 
+FORWARD_OVERHEAD = 32  # tokens: fixed cost of one CPU forward (135M: ~20 on 1 thread, 40+ on 2)
+
+
+def _batches(lengths: Sequence[int], batch_size: int, fit: bool) -> list[tuple[int, int]]:
+    """(start, end) runs of at most batch_size rows over lengths sorted longest first.
+
+    fit: the runs that minimise padded tokens + FORWARD_OVERHEAD per run (dynamic programming
+    over the sorted lengths); else runs of batch_size.
+    """
+    n = len(lengths)
+    if not fit:
+        return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    cost, start = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - batch_size), j):
+            c = cost[i] + FORWARD_OVERHEAD + (j - i) * lengths[i]
+            if c < cost[j]:
+                cost[j], start[j] = c, i
+    runs = []
+    while n:
+        runs.append((start[n], n))
+        n = start[n]
+    return runs[::-1]
+
+
+def _unshared_lls(model, reqs: Sequence[tuple[int, list[int], list[int]]], max_length: int,
+                  batch_size: int, fit: bool, keep_arg: bool, bar) -> dict[int, float]:
+    """{request index: ll} for (index, ctx, cont) requests, one padded row per distinct input.
+
+    Inputs are (ctx + cont)[-(max_length + 1):][:-1], right-padded, no attention mask (as
+    HFLM); requests with identical inputs share one row.
+    """
+    device = next(model.parameters()).device
+    rows: dict[tuple[int, ...], int] = {}  # model input -> longest continuation scored on it
+    uses: dict[tuple[int, ...], int] = {}  # model input -> number of requests scored on it
+    plan = []
+    for k, ctx, cont in reqs:
+        inp = tuple((ctx + cont)[-(max_length + 1):][:-1])
+        rows[inp] = max(rows.get(inp, 0), len(cont))
+        uses[inp] = uses.get(inp, 0) + 1
+        plan.append((k, inp, cont))
+    order = sorted(rows, key=lambda t: (-len(t), t))
+    logps: dict[tuple[int, ...], torch.Tensor] = {}  # input -> log-probs of its scored tail
+    for i, j in _batches([len(t) for t in order], batch_size, fit):
+        batch = order[i:j]
+        width = len(batch[0])
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, inp in enumerate(batch):
+            ids[r, :len(inp)] = torch.tensor(inp)
+        keep = width - min(len(inp) - rows[inp] for inp in batch)
+        kw = {"logits_to_keep": keep} if keep_arg else {}
+        logits = model(ids.to(device), **kw).logits[:, -keep:]
+        offset = width - keep
+        for r, inp in enumerate(batch):
+            tail = logits[r, len(inp) - rows[inp] - offset: len(inp) - offset]
+            logps[inp] = F.log_softmax(tail, dim=-1)
+        bar.update(sum(uses[inp] for inp in batch))
+    out = {}
+    for k, inp, cont in plan:
+        lp = logps[inp][-len(cont):]
+        out[k] = float(lp.gather(1, torch.tensor(cont, device=lp.device)[:, None]).sum())
+    return out
+
+
+def _shared_lls(model, groups: Sequence[tuple[tuple[int, ...], list[tuple[int, list[int]]]]],
+                batch_size: int, fit: bool, keep_arg: bool, bar) -> dict[int, float]:
+    """{request index: ll} for groups (ctx, [(index, cont), ...]) of untruncated requests.
+
+    batch_size groups at a time: their contexts run once, [B, Lc] right-padded with a KV
+    cache, and the first continuation token is scored on the logits at each context's last
+    position. Then cont[:-1] of each distinct continuation runs, [R, W] right-padded, on its
+    context's keys / values left-padded to the longest context of the R rows, with a 2D
+    mask over that padding and position ids that continue the context: every real token
+    attends to what it attends to in the input (ctx + cont)[:-1].
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    out = {}
+    for g0 in range(0, len(groups), batch_size):
+        batch = groups[g0:g0 + batch_size]
+        lens = torch.tensor([len(ctx) for ctx, _ in batch])
+        first = [None] * len(batch)  # log-probs [V] of each group's first continuation token
+        flat = []  # per ctx run, per layer: (keys, values) [heads, B * Lc, head_dim]
+        offset = torch.zeros(len(batch), dtype=torch.long)  # group's first key in flat
+        base = 0
+        for i, j in _batches(lens.tolist(), batch_size, fit):
+            width = int(lens[i])
+            ids = torch.zeros(j - i, width, dtype=torch.long)
+            for r in range(i, j):
+                ids[r - i, :lens[r]] = torch.tensor(batch[r][0])
+            last = torch.unique(lens[i:j] - 1)
+            kw = {"logits_to_keep": last.to(device)} if keep_arg else {}
+            res = model(ids.to(device), past_key_values=DynamicCache(), use_cache=True, **kw)
+            col = torch.searchsorted(last, lens[i:j] - 1) if keep_arg else lens[i:j] - 1
+            lp = F.log_softmax(res.logits[torch.arange(j - i, device=device), col.to(device)],
+                               dim=-1)
+            first[i:j] = list(lp)
+            flat.append([tuple(t.transpose(0, 1).flatten(1, 2) for t in (layer.keys, layer.values))
+                         for layer in res.past_key_values.layers])
+            offset[i:j] = base + width * torch.arange(j - i)
+            base += width * (j - i)
+            del res
+        flat = [tuple(torch.cat(ts, dim=1) for ts in zip(*layer)) for layer in zip(*flat)]
+        tails = sorted({(r, tuple(cont[:-1])) for r, (_, reqs) in enumerate(batch)
+                        for _, cont in reqs if len(cont) > 1}, key=lambda t: (-len(t[1]), t))
+        logps: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # (group, cont[:-1]) -> [n, V]
+        for i, j in _batches([len(t) for _, t in tails], batch_size, fit):
+            chunk = tails[i:j]
+            group = torch.tensor([r for r, _ in chunk])
+            width, span = int(lens[group].max()), len(chunk[0][1])
+            pad = width - lens[group]
+            ids = torch.zeros(len(chunk), span, dtype=torch.long)
+            for q, (_, t) in enumerate(chunk):
+                ids[q, :len(t)] = torch.tensor(t)
+            src = offset[group, None] + (torch.arange(width)[None] - pad[:, None]).clamp(min=0)
+            src = src.flatten().to(device)
+            past = DynamicCache([tuple(t[:, src].unflatten(1, (len(chunk), width)).transpose(0, 1)
+                                       for t in layer) for layer in flat])
+            mask = torch.cat([torch.arange(width)[None] >= pad[:, None],
+                              torch.ones(len(chunk), span, dtype=torch.bool)], dim=1)
+            pos = lens[group, None] + torch.arange(span)[None]
+            logits = model(ids.to(device), attention_mask=mask.long().to(device),
+                           position_ids=pos.to(device), past_key_values=past, use_cache=True).logits
+            for q, (r, t) in enumerate(chunk):
+                logps[r, t] = F.log_softmax(logits[q, :len(t)], dim=-1)
+        for r, (_, reqs) in enumerate(batch):
+            for k, cont in reqs:
+                lp = first[r][cont[0]][None]
+                if len(cont) > 1:
+                    rest = logps[r, tuple(cont[:-1])]
+                    idx = torch.tensor(cont[1:], device=device)[:, None]
+                    lp = torch.cat([lp, rest.gather(1, idx)[:, 0]])
+                out[k] = float(lp.sum())
+        bar.update(sum(len(reqs) for _, reqs in batch))
+    return out
+
+
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 16,
                    max_length: int | None = None, progress: bool = False,
-                   desc: str = "loglikelihood") -> list[float]:
+                   desc: str = "loglikelihood", share_context: bool = True) -> list[float]:
     """Sum log p(continuation | context) per request, as lm-eval's HFLM computes it.
 
-    Inputs are (context + continuation)[-(max_length + 1):][:-1], right-padded, no attention
-    mask (as HFLM); requests with identical inputs share one forward. Log-softmax and the
-    sum run in the logits' dtype (as HFLM with softmax_dtype unset).
+    HFLM's model input is (context + continuation)[-(max_length + 1):][:-1], right-padded, no
+    attention mask; log-softmax and the sum run in the logits' dtype (softmax_dtype unset).
+    share_context: two or more untruncated requests with the same context tokens run the
+    context once and their continuations on its KV cache (the same log-probs up to float
+    rounding), the others run as HFLM's padded rows; on CPU rows are batched by length (at
+    most batch_size a forward, minimising padding + per-forward cost). share_context=False:
+    every request as HFLM's padded rows, batch_size at a time.
     """
     enc = Encoder(tokenizer)
     max_length = max_length or model_max_length(model, tokenizer)
-    device = next(model.parameters()).device
-    rows: dict[tuple[int, ...], int] = {}  # model input -> longest continuation scored on it
-    plan = []
+    pairs = []
     for context, continuation in requests:
         ctx, cont = enc.pair(context, continuation)
         if not cont:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens")
         if len(cont) > max_length:
             raise ValueError(f"continuation of {len(cont)} tokens exceeds max length {max_length}")
-        inp = tuple((ctx + cont)[-(max_length + 1):][:-1])
-        rows[inp] = max(rows.get(inp, 0), len(cont))
-        plan.append((inp, cont))
-    order = sorted(rows, key=lambda t: (-len(t), t))
+        pairs.append((ctx, cont))
+    by_ctx: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    if share_context:
+        for k, (ctx, cont) in enumerate(pairs):
+            if ctx and len(ctx) + len(cont) <= max_length + 1:
+                by_ctx.setdefault(tuple(ctx), []).append((k, cont))
+    groups = sorted(((c, g) for c, g in by_ctx.items() if len(g) > 1),
+                    key=lambda cg: (-len(cg[0]), cg[0]))
+    shared = {k for _, g in groups for k, _ in g}
+    single = [(k, ctx, cont) for k, (ctx, cont) in enumerate(pairs) if k not in shared]
+    fit = share_context and next(model.parameters()).device.type == "cpu"
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
-    logps: dict[tuple[int, ...], torch.Tensor] = {}  # input -> log-probs of its scored tail
-    bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=len(pairs), desc=desc, disable=not progress, leave=False)
     try:
-        for i in range(0, len(order), batch_size):
-            batch = order[i:i + batch_size]
-            width = len(batch[0])
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for r, inp in enumerate(batch):
-                ids[r, :len(inp)] = torch.tensor(inp)
-            keep = width - min(len(inp) - rows[inp] for inp in batch)
-            kw = {"logits_to_keep": keep} if keep_arg else {}
-            logits = model(ids.to(device), **kw).logits[:, -keep:]
-            offset = width - keep
-            for r, inp in enumerate(batch):
-                tail = logits[r, len(inp) - rows[inp] - offset: len(inp) - offset]
-                logps[inp] = F.log_softmax(tail, dim=-1)
-            bar.update(len(batch))
+        out = _unshared_lls(model, single, max_length, batch_size, fit, keep_arg, bar)
+        out.update(_shared_lls(model, groups, batch_size, fit, keep_arg, bar))
     finally:
         bar.close()
-    out = []
-    for inp, cont in plan:
-        lp = logps[inp][-len(cont):]
-        out.append(float(lp.gather(1, torch.tensor(cont, device=lp.device)[:, None]).sum()))
-    return out
+    return [out[k] for k in range(len(pairs))]
 
 
 def item_scores(item: Item, lls: Sequence[float]) -> tuple[float, float]:

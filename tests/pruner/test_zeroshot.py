@@ -97,11 +97,44 @@ def test_bos_is_added_once_and_stays_in_the_context():
 def test_single_token_choices_share_one_forward():
     calls = []
     model = tiny_model("llama")
-    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] if i else 1))
+    model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
     tok = word_tokenizer()
     reqs = [("w1 w2 w3", " w4"), ("w1 w2 w3", " w5"), ("w1 w2 w3", " w6 w7")]
+    loglikelihoods(model, tok, reqs, batch_size=16, share_context=False)
+    assert calls == [(2, 4)]  # inputs [w1 w2 w3] (shared by two requests) and [w1 w2 w3 w6]
+    calls.clear()
     loglikelihoods(model, tok, reqs, batch_size=16)
-    assert calls == [2]  # inputs [w1 w2 w3] (shared by two requests) and [w1 w2 w3 w6]
+    assert calls == [(1, 3), (1, 1)]  # the context once, then [w6] on its cache
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_shared_context_matches_unshared(family):
+    """Context KV sharing gives the per-request padded rows' numbers (Qwen3: sliding window 16)."""
+    model = tiny_model(family, vocab=300)
+    tok = bpe_tokenizer()
+    q, cat, man = "Question: Is water wet?\nAnswer:", "The cat sat on the ", ENGLISH[3]
+    long_cont = " A man is sitting on a roof. He starts pulling up roofing."
+    reqs = [(q, " yes"), (q, " no"), (q, long_cont),
+            (cat, "mat."), (cat, "roof. He starts"), (cat, "mat."),  # a duplicate request
+            ("A man is", " sitting on a roof."),  # a group of size 1
+            ("", " The cat"), ("", " Sarah was a much better surgeon"),  # context [EOS]
+            (man, " yes"), (man, " The cat sat."), (man, long_cont)]
+    enc = Encoder(tok)
+    lens = [(len(c), len(x)) for c, x in (enc.pair(*r) for r in reqs)]
+    assert len({c for c, _ in lens}) == 5 and lens[7][0] == 1 and lens[0][0] > 16
+    assert [c + x > 49 for c, x in lens] == [False, False, True] + [False] * 8 + [True]
+    shared = []
+    model.register_forward_hook(lambda m, a, kw, o: shared.append("past_key_values" in kw),
+                                with_kwargs=True)
+    for max_length, bs in ((None, 16), (None, 2), (48, 3), (48, 16)):
+        ref = loglikelihoods(model, tok, reqs, batch_size=bs, max_length=max_length,
+                             share_context=False)
+        assert not any(shared)
+        got = loglikelihoods(model, tok, reqs, batch_size=bs, max_length=max_length)
+        assert any(shared)
+        shared.clear()
+        assert got == pytest.approx(ref, abs=1e-4)
+    assert len(set(ref)) == len(ref) - 1
 
 
 def test_item_scores_acc_and_acc_norm():
