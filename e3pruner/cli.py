@@ -137,7 +137,11 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--tokens", type=_tokens, default=None, dest="total_tokens",
                    help="total budget: 20%% to the search, 80%% to recovery (overrides both)")
     p.add_argument("--block-len", type=int, default=d.block_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="blocks per mask-search step")
+    p.add_argument("--recovery-batch-size", type=int, default=d.recovery_batch_size,
+                   help="blocks per recovery micro-batch (default %(default)s: more, smaller "
+                   "steps recover more per token on a small budget)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--calib-blocks", type=int, default=d.calib_blocks)
     p.add_argument("--lr", type=float, default=d.lr, help="recovery peak learning rate")
@@ -145,6 +149,9 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--scope", default=d.scope, choices=["full", "endpoints", "lora"])
     p.add_argument("--teacher", default=d.teacher, choices=["live", "cache"])
     p.add_argument("--weighting", default=d.weighting)
+    p.add_argument("--ce-weight", type=float, default=d.ce_weight,
+                   help="recovery loss = KD + CE_WEIGHT x next-token cross-entropy of the data "
+                   "(default 0.3 with --teacher live, 0 with --teacher cache, which has no CE)")
     p.add_argument("--per-sample", action="store_true", help="one mask per sample in the search")
     p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "none"],
                    help="autocast dtype for search and recovery (perplexity is always fp32)")

@@ -8,6 +8,10 @@ offline top-K cache of the teacher's log-probs built with `e3kernels.teacher_top
 Trainable scope: "full" (every decoder layer and the final norm; embeddings/head too with
 train_embeddings=True), "endpoints" (the kept layers adjacent to each removed segment:
 cutoff endpoint tuning), "lora" (peft adapters on the decoder layers, merged at the end).
+Loss per token: the teacher-entropy-weighted KL, plus ce_weight x the next-token cross-entropy
+of the data on the student (live teacher only; the last position of a block has no next token
+and then leaves the KD sum too; both summed over tokens, so the CE's scale
+does not depend on the KD weighting).
 Gradient accumulation: each micro-batch's loss is a token sum divided by the number of
 tokens in the whole optimizer step, so the update equals that of one big batch.
 Under torchrun (see distributed.py) each rank trains on its B / world_size rows of every
@@ -64,6 +68,7 @@ class RecoveryConfig:
     weighting: str = "entropy"
     temperature: float = 1.0
     kl: str = "forward"
+    ce_weight: float = 0.0  # + ce_weight * next-token cross-entropy on the data (live teacher)
     teacher: str = "live"  # "live" or "cache"
     cache_topk: int = 64
     lora_rank: int = 16
@@ -78,6 +83,11 @@ class RecoveryConfig:
             raise ValueError("tokens >= 0, batch_size >= 1 and grad_accum >= 1 are required")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.ce_weight >= 0 and self.ce_weight < float("inf")):
+            raise ValueError(f"ce_weight must be a finite number >= 0, got {self.ce_weight}")
+        if self.ce_weight > 0 and self.teacher == "cache":
+            raise ValueError("ce_weight > 0 needs the live teacher: the top-K cache loss has no "
+                             "cross-entropy term; use teacher='live' or ce_weight=0")
 
 
 def make_student(model, keep: list[int]):
@@ -196,6 +206,13 @@ class TeacherCache:
             ids.append(self._shard[1]["ids"][r - s * per])
             lps.append(self._shard[1]["logprobs"][r - s * per])
         return torch.stack(ids).long(), torch.stack(lps)
+
+
+def next_token_labels(ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """[B, T] labels of the next token at each position; the last position is ignored."""
+    labels = torch.full_like(ids, ignore_index)
+    labels[:, :-1] = ids[:, 1:]
+    return labels
 
 
 # ---------------------------------------------------------------- the recovery loop
@@ -354,7 +371,7 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, KD part, CE sum, CE tokens
         for micro in range(cfg.grad_accum):
             idx = step * cfg.grad_accum + micro
             ids = dist.shard(batch_at(data, idx, cfg.batch_size)).to(device)
@@ -362,13 +379,17 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
             with (nullcontext() if sync else no_sync()), autocast(device, cfg.amp):
                 hs = student_forward(ids)
             hs2 = head_input(hs.reshape(-1, hs.shape[-1]), cfg.amp)
+            ce = {}
             if cache is None:
                 with torch.no_grad(), autocast(device, cfg.amp):
                     ht = final_hidden(teacher, ids)
                 ht2 = head_input(ht.reshape(-1, ht.shape[-1]), cfg.amp)
+                if cfg.ce_weight > 0:  # (the cache path has none: validate() refuses it)
+                    ce = dict(labels=next_token_labels(ids).reshape(-1), compute_ce=True,
+                              ce_weight=cfg.ce_weight)
                 out = fused_linear_kd_loss(hs2, ws, ht2, wt,
                                            temperature=cfg.temperature, kl=cfg.kl,
-                                           weighting=cfg.weighting, reduction="sum")
+                                           weighting=cfg.weighting, reduction="sum", **ce)
             else:
                 rows = [cache_row[int(b)]
                         for b in dist.shard(batch_rows(data, idx, cfg.batch_size))]
@@ -377,18 +398,25 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
                                                 t_lp.reshape(hs2.shape[0], -1).to(device),
                                                 temperature=cfg.temperature,
                                                 weighting=cfg.weighting, reduction="sum")
-            loss = out.loss / (cfg.grad_accum * ids.numel())
+            scale = cfg.grad_accum * ids.numel()
+            loss = out.loss / scale
             with nullcontext() if sync else no_sync():
                 loss.backward()
-            total += loss.item()
+            ce_sum = float(out.ce.sum()) if ce else 0.0
+            sums += torch.tensor([loss.item(), (loss.item() - cfg.ce_weight * ce_sum / scale),
+                                  ce_sum, float(out.num_valid) if ce else 0.0], dtype=torch.float64)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         opt.step()
-        total = dist.all_reduce_sum_(torch.tensor([total], dtype=torch.float64)).item() / dist.world_size
+        sums = dist.all_reduce_sum_(sums)
+        total = sums[0].item() / dist.world_size
         loss_val = total
         done = (step + 1) * tokens_per_step
         elapsed = max(1e-9, time.time() - t_start)
         rec = {"step": step, "tokens": done, "loss": total, "lr": lr, "grad_norm": float(gnorm)}
+        if cfg.ce_weight > 0:  # the two parts: weighted KL (same scale as loss), mean CE
+            rec.update(kd=sums[1].item() / dist.world_size,
+                       ce=sums[2].item() / max(1.0, sums[3].item()))
         log.write(rec)
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.1e}",
                         tok_s=f"{(step + 1 - start) * tokens_per_step / elapsed:.0f}")

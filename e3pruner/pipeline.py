@@ -29,16 +29,19 @@ class PruneArgs:
     data: str = "bundled"
     heldout: str = "heldout"
     block_len: int = 256
-    batch_size: int = 4
+    batch_size: int = 4  # mask search (the score estimator needs >= 2 rows)
+    recovery_batch_size: int | None = 2  # None: batch_size
     calib_blocks: int = 4
     search_tokens: int = 65_536
-    recovery_tokens: int = 98_304
+    recovery_tokens: int = 122_880
     grad_accum: int = 1
     lr: float = 4e-4
     search_lr: float = 0.1
     scope: str = "full"
     teacher: str = "live"
     weighting: str = "entropy"
+    ce_weight: float | None = None  # recovery: + ce_weight * next-token CE of the data
+    # (None: 0.3 with the live teacher, 0 with the top-K cache, whose loss has no CE term)
     per_sample: bool = False
     amp: str = "bf16"  # autocast for the search and recovery forward/backward ("none": off)
     eval_tokens: int = 8_192
@@ -89,11 +92,14 @@ def validate(args: PruneArgs) -> tuple[int, int]:
     if args.search_tokens < step_tokens:
         raise PruneError(f"--search-tokens must be >= one step ({args.batch_size} x "
                          f"{args.block_len} = {step_tokens} tokens), got {args.search_tokens}")
-    if args.recovery_tokens != 0 and args.recovery_tokens < step_tokens * args.grad_accum:
-        raise PruneError(f"--recovery-tokens must be 0 (no recovery) or >= one step "
-                         f"({step_tokens * args.grad_accum} tokens), got {args.recovery_tokens}")
     if args.block_len < 8 or args.batch_size < 1 or args.calib_blocks < 1:
         raise PruneError("--block-len >= 8, --batch-size >= 1, --calib-blocks >= 1 required")
+    if args.recovery_batch_size is not None and args.recovery_batch_size < 1:
+        raise PruneError(f"--recovery-batch-size must be >= 1, got {args.recovery_batch_size}")
+    rec_step = recovery_batch(args) * args.block_len * args.grad_accum
+    if args.recovery_tokens != 0 and args.recovery_tokens < rec_step:
+        raise PruneError(f"--recovery-tokens must be 0 (no recovery) or >= one step "
+                         f"({rec_step} tokens), got {args.recovery_tokens}")
     if args.eval_tokens < 2 or args.eval_ctx < 2:
         raise PruneError("--eval-tokens and --eval-ctx must be >= 2")
     parse_dtype(args.dtype)
@@ -103,9 +109,26 @@ def validate(args: PruneArgs) -> tuple[int, int]:
         raise PruneError(f"--scope must be full, endpoints or lora, got {args.scope!r}")
     if args.teacher not in ("live", "cache"):
         raise PruneError(f"--teacher must be live or cache, got {args.teacher!r}")
+    if args.ce_weight is not None and not 0 <= args.ce_weight < float("inf"):
+        raise PruneError(f"--ce-weight must be a finite number >= 0, got {args.ce_weight}")
+    if recovery_ce_weight(args) > 0 and args.teacher == "cache":
+        raise PruneError("--ce-weight > 0 needs --teacher live (the top-K cache loss has no "
+                         "cross-entropy term); pass --ce-weight 0 with --teacher cache")
     check_out_dir(args.out, args.resume, args.overwrite)
     n_layers = model_num_layers(args.model)
     return n_layers, resolve_n_prune(n_layers, args.prune_layers, args.ratio)
+
+
+def recovery_ce_weight(args: PruneArgs) -> float:
+    if args.ce_weight is not None:
+        return args.ce_weight
+    return 0.3 if args.teacher == "live" else 0.0
+
+
+def recovery_batch(args) -> int:
+    """Blocks per recovery micro-batch: --recovery-batch-size, else --batch-size (compare)."""
+    rb = getattr(args, "recovery_batch_size", None)
+    return args.batch_size if rb is None else rb
 
 
 def check_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
@@ -173,7 +196,7 @@ def prepare_data(args, tok):
 
     stream = token_stream(args.data, tok, seed=args.seed)
     blocks = TokenBlocks(stream, args.block_len, seed=args.seed)
-    if len(blocks) < args.calib_blocks + args.batch_size:
+    if len(blocks) < args.calib_blocks + max(args.batch_size, recovery_batch(args)):
         raise PruneError(f"data {args.data!r} gives only {len(blocks)} blocks of "
                          f"{args.block_len} tokens; need more text")
     data = PruneData(calib=blocks.take(args.calib_blocks, 0), blocks=blocks,
@@ -209,8 +232,10 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
     if error:
         raise PruneError(error)
     dist.check_divides(args.batch_size, "--batch-size")
+    if args.recovery_tokens:
+        dist.check_divides(recovery_batch(args), "--recovery-batch-size")
     state = RunState(run, fresh=not args.resume, write=dist.is_main)
-    state.check_resume(args, ("model", "data", "block_len", "batch_size", "seed",
+    state.check_resume(args, ("model", "data", "block_len", "batch_size", "recovery_batch_size", "seed",
                               "search_tokens", "recovery_tokens", "calib_blocks", "grad_accum"))
     state.set("args", asdict(args))
     seed_everything(args.seed)
@@ -255,9 +280,10 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
         state.set("shortgpt", {**asdict(base), "ppl_before": base_ppl,
                                "seconds": time.time() - t})
 
-    rec_cfg = RecoveryConfig(tokens=args.recovery_tokens, batch_size=args.batch_size,
+    rec_cfg = RecoveryConfig(tokens=args.recovery_tokens, batch_size=recovery_batch(args),
                              grad_accum=args.grad_accum, lr=args.lr, scope=args.scope,
-                             weighting=args.weighting, teacher=args.teacher, amp=args.amp)
+                             weighting=args.weighting, ce_weight=recovery_ce_weight(args),
+                             teacher=args.teacher, amp=args.amp)
     student = make_student(model, sel.keep)
     t_rec = time.time()
     student, rec_summary = recover(student, model, data, rec_cfg, keep=sel.keep, seed=args.seed,

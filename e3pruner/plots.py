@@ -55,15 +55,38 @@ def plot_layer_importance(scores: dict[str, list[float]], removed: dict[str, lis
     return path
 
 
+def _smooth(y: list[float], window: int) -> np.ndarray:
+    """Trailing moving average (shorter at the start), [len(y)]."""
+    c = np.cumsum(np.insert(np.asarray(y, dtype=float), 0, 0.0))
+    idx = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
 def plot_loss(records: list[dict], path: str | Path) -> Path:
+    """Search KD loss and recovery loss per step (thin) with a moving average (thick); when
+    the recovery has a cross-entropy term, its KD part and its CE (right axis) separately."""
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, phase in zip(axes, ("search", "recovery")):
         r = [x for x in records if x.get("phase") == phase and "loss" in x]
-        if r:
-            ax.plot([x["tokens"] for x in r], [x["loss"] for x in r], lw=1)
-        ax.set_title(f"{phase} KD loss")
+        key = "kd" if r and all("kd" in x for x in r) else "loss"
+        ax.set_title(f"{phase} KD loss" + (" (+ CE, right axis)" if key == "kd" else ""))
         ax.set_xlabel("tokens")
+        if not r:
+            continue
+        t = [x["tokens"] for x in r]
+        w = max(1, len(r) // 20)
+        ax.plot(t, [x[key] for x in r], lw=0.6, alpha=0.35, color="C0")
+        ax.plot(t, _smooth([x[key] for x in r], w), lw=1.8, color="C0",
+                label=f"KD, {w}-step mean")
+        if key == "kd":
+            ax2 = ax.twinx()
+            ax2.plot(t, _smooth([x["ce"] for x in r], w), lw=1.8, color="C1",
+                     label=f"CE, {w}-step mean")
+            ax2.set_ylabel("next-token CE (nats)", color="C1")
+            lines = ax.get_lines()[1:] + ax2.get_lines()
+            ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

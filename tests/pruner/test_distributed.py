@@ -33,14 +33,20 @@ def test_single_process_context_without_torchrun():
         init_distributed({}, "cpu", "tp")
 
 
+def _flags(args: dict) -> list[str]:
+    out = []
+    for k, v in args.items():
+        if k != "progress":
+            out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return out
+
+
 def _launch(n_proc: int, args: dict, parallel: str):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n_proc}",
            "--standalone", "-m", "e3pruner", "prune", "--no-progress", "--parallel", parallel]
     if n_proc == 1:
         cmd = [sys.executable, "-m", "e3pruner", "prune", "--no-progress"]
-    for k, v in args.items():
-        if k != "progress":
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    cmd += _flags(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -59,7 +65,8 @@ def test_two_processes_match_one(tmp_path, parallel):
     from transformers import AutoModelForCausalLM
 
     model_dir, train, held = tiny_model_dir(tmp_path, "llama")
-    common = dict(batch_size=4, grad_accum=2, recovery_tokens=32 * 4 * 2 * 5, amp="none",
+    common = dict(batch_size=4, recovery_batch_size=4, grad_accum=2,
+                  recovery_tokens=32 * 4 * 2 * 5, amp="none",
                   weighting="normalized_entropy")
     one, recs1 = _launch(1, _args(tmp_path, model_dir, train, held, out=tmp_path / "one",
                                   **common), parallel)
@@ -89,3 +96,46 @@ def test_two_processes_match_one(tmp_path, parallel):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
         changed += k in base and w1[k].shape == base[k].shape and not torch.equal(w1[k], base[k])
     assert changed > 0  # recovery trained something
+
+
+def _torchrun_until(args: dict, parallel: str, stop) -> None:
+    """Start a 2-process run and SIGKILL its whole process group once `stop()` holds."""
+    from tests.pruner.test_pipeline import _run_until
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+           "-m", "e3pruner", "prune", "--no-progress", "--parallel", parallel] + _flags(args)
+    _run_until(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, stop)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_kill_matches_uninterrupted(tmp_path):
+    """2 ranks under FSDP, killed in the middle of the recovery (after a checkpoint of the
+    gathered weights and the full optimizer state): the resumed run gives the losses and
+    weights of the uninterrupted one."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.pruner.test_pipeline import _phase_steps
+
+    model_dir, train, held = tiny_model_dir(tmp_path, "qwen3")
+    common = dict(batch_size=4, recovery_batch_size=4, recovery_tokens=32 * 4 * 12,
+                  amp="none", checkpoint_every=4)
+    a = _args(tmp_path, model_dir, train, held, out=tmp_path / "a", **common)
+    ref, recs_a = _launch(2, a, "fsdp")
+
+    b = _args(tmp_path, model_dir, train, held, out=tmp_path / "b", **common)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    _torchrun_until(b, "fsdp", lambda: _phase_steps(metrics, "recovery") >= 6)
+    assert (tmp_path / "b" / "recovery_ckpt.pt").exists()
+    assert _phase_steps(metrics, "recovery") < 12
+    res, recs_b = _launch(2, dict(b, resume=True), "fsdp")
+
+    assert res["removed_layers"] == ref["removed_layers"]
+    la = [r["loss"] for r in recs_a if r["phase"] == "recovery"]
+    lb = [r["loss"] for r in recs_b if r["phase"] == "recovery"]
+    assert len(la) == len(lb) == 12 and lb == pytest.approx(la, rel=1e-5, abs=1e-7)
+    assert res["ppl"]["pruned_after_recovery"] == pytest.approx(
+        ref["ppl"]["pruned_after_recovery"], rel=1e-5)
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)

@@ -59,11 +59,18 @@ def test_bad_input_fails_before_work(tmp_path):
     model_dir, train, held = tiny_model_dir(tmp_path, "llama")
     cases = [({"prune_layers": 6}, "prune-layers"), ({"prune_layers": None, "ratio": 1.0}, "ratio"),
              ({"search_tokens": 0}, "search-tokens"), ({"recovery_tokens": 5}, "recovery-tokens"),
-             ({"out": "/proc/forbidden/run"}, "not writable"), ({"model": str(tmp_path)}, "config")]
+             ({"out": "/proc/forbidden/run"}, "not writable"), ({"model": str(tmp_path)}, "config"),
+             ({"recovery_batch_size": 0}, "recovery-batch-size"), ({"ce_weight": -1.0}, "ce-weight"),
+             ({"ce_weight": 0.3, "teacher": "cache"}, "ce-weight")]
     for kw, match in cases:
         with pytest.raises(PruneError, match=match):
             run_prune(PruneArgs(**_args(tmp_path, model_dir, train, held, **kw)))
     assert not (tmp_path / "run" / "state.json").exists()
+    from e3pruner.pipeline import recovery_ce_weight
+
+    assert recovery_ce_weight(PruneArgs()) == 0.3  # KD + CE with the live teacher
+    assert recovery_ce_weight(PruneArgs(teacher="cache")) == 0.0  # the top-K loss has no CE
+    assert recovery_ce_weight(PruneArgs(teacher="live", ce_weight=0.0)) == 0.0
 
 
 def _cli(args: dict) -> list[str]:
@@ -76,11 +83,14 @@ def _cli(args: dict) -> list[str]:
 
 
 def _run_until(cmd, env, stop) -> None:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """Start `cmd` and SIGKILL its whole process group (torchrun's workers too) once
+    `stop()` holds."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < 300:
         if stop():
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return
         time.sleep(0.05)
@@ -166,17 +176,21 @@ def test_cli_prune_bundled_model_small_budget(tmp_path):
     assert model.config.num_hidden_layers == 22
 
 
-@pytest.mark.parametrize("scope,teacher", [("endpoints", "cache"), ("full", "live"), ("lora", "live")])
-def test_recovery_scopes_and_teacher_cache(tmp_path, scope, teacher):
+def _tiny_model_and_data(family: str, seed: int):
     from e3pruner.data import TokenBlocks, tokenize_stream
-    from e3pruner.distill import RecoveryConfig, endpoint_layers, make_student, recover
     from e3pruner.methods.base import PruneData
     from tests.pruner.tiny_models import markov_text, tiny_model, word_tokenizer
 
-    model = tiny_model("qwen2")
-    stream = tokenize_stream(markov_text(60, seed=4).split("\n\n"), word_tokenizer())
+    stream = tokenize_stream(markov_text(60, seed=seed).split("\n\n"), word_tokenizer())
     blocks = TokenBlocks(stream, 32, seed=0)
-    data = PruneData(calib=blocks.take(2, 0), blocks=blocks, train_start=2)
+    return tiny_model(family), PruneData(calib=blocks.take(2, 0), blocks=blocks, train_start=2)
+
+
+@pytest.mark.parametrize("scope,teacher", [("endpoints", "cache"), ("full", "live"), ("lora", "live")])
+def test_recovery_scopes_and_teacher_cache(tmp_path, scope, teacher):
+    from e3pruner.distill import RecoveryConfig, endpoint_layers, make_student, recover
+
+    model, data = _tiny_model_and_data("qwen2", 4)
     keep = [0, 1, 3, 5]
     assert endpoint_layers(keep, 6) == [1, 2, 3]  # kept 1 (before cut 2), 3 (around 4), 5 (after 4)
     student = make_student(model, keep)
@@ -210,21 +224,15 @@ def np_isfinite(v: float) -> bool:
 def test_recovery_under_bf16_amp_feeds_the_head_bf16(tmp_path, teacher):
     """amp="bf16": the KD loss gets bf16 hidden states (its bf16 GEMM path), as autocast would
     give the LM head; every step's loss stays within 5% of the fp32 run's."""
-    from e3pruner.data import TokenBlocks, tokenize_stream
     from e3pruner.distill import RecoveryConfig, make_student, recover
-    from e3pruner.methods.base import PruneData
     from e3pruner.train import head_input
-    from tests.pruner.tiny_models import markov_text, tiny_model, word_tokenizer
 
     h = torch.randn(3, 5, requires_grad=True)
     assert head_input(h, "bf16").dtype == torch.bfloat16 and head_input(h, None) is h
     head_input(h, "bf16").float().sum().backward()
     assert torch.equal(h.grad, torch.ones_like(h))
 
-    model = tiny_model("llama")
-    stream = tokenize_stream(markov_text(60, seed=5).split("\n\n"), word_tokenizer())
-    blocks = TokenBlocks(stream, 32, seed=0)
-    data = PruneData(calib=blocks.take(2, 0), blocks=blocks, train_start=2)
+    model, data = _tiny_model_and_data("llama", 5)
     keep = [0, 2, 3, 5]
     losses = {}
     for amp in (None, "bf16"):
@@ -236,3 +244,50 @@ def test_recovery_under_bf16_amp_feeds_the_head_bf16(tmp_path, teacher):
         losses[amp] = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses["bf16"]) == 4
     assert losses["bf16"] == pytest.approx(losses[None], rel=0.05)
+
+
+def test_recovery_cross_entropy_term(tmp_path):
+    """ce_weight=w adds w x the next-token CE of the data, summed over the positions that have
+    a next token (the last position of a block has none and drops out of the KD sum too) and
+    divided by the tokens of the step like the KD sum. The first step's logged loss is checked
+    against a CE from the student's full logits; with w=0 every position stays in the KD."""
+    import torch.nn.functional as F
+
+    from e3kernels import fused_linear_kd_loss
+    from e3pruner.distill import RecoveryConfig, make_student, next_token_labels, recover
+    from e3pruner.hidden import final_hidden
+    from e3pruner.methods.e3 import batch_at
+    from e3pruner.models.families import lm_head
+
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    assert torch.equal(next_token_labels(ids), torch.tensor([[6, 7, -100], [9, 10, -100]]))
+    model, data = _tiny_model_and_data("qwen3", 6)
+    keep = [0, 1, 3, 5]
+    first = {}
+    for w in (0.0, 0.7):
+        run = tmp_path / str(w)
+        cfg = RecoveryConfig(tokens=2 * 32 * 2, batch_size=2, lr=1e-3, amp=None, ce_weight=w)
+        recover(make_student(model, keep), model, data, cfg, keep=keep, run_dir=str(run),
+                progress=False)
+        first[w] = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    x = batch_at(data, 0, 2)
+    student = make_student(model, keep)
+    with torch.no_grad():
+        logits = student(x).logits.double()
+        hs = final_hidden(student, x).reshape(x.numel(), -1)
+        ht = final_hidden(model, x).reshape(x.numel(), -1)
+        ws, wt = lm_head(student).weight, lm_head(model).weight
+        kd_all = fused_linear_kd_loss(hs, ws, ht, wt, reduction="sum").loss.item()
+        kd_next = fused_linear_kd_loss(hs, ws, ht, wt, labels=next_token_labels(x).reshape(-1),
+                                       reduction="sum").loss.item()
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                         reduction="sum").item()
+    assert first[0.0]["loss"] == pytest.approx(kd_all / x.numel(), rel=1e-4)
+    assert "ce" not in first[0.0]
+    assert first[0.7]["loss"] == pytest.approx((kd_next + 0.7 * ce) / x.numel(), rel=1e-4)
+    assert first[0.7]["kd"] == pytest.approx(kd_next / x.numel(), rel=1e-4)
+    assert first[0.7]["ce"] == pytest.approx(ce / (x.numel() - x.shape[0]), rel=1e-4)
+    for bad in (dict(ce_weight=-1.0), dict(ce_weight=float("nan")),
+                dict(ce_weight=0.5, teacher="cache")):
+        with pytest.raises(ValueError, match="ce_weight"):
+            RecoveryConfig(tokens=64, **bad).validate()
