@@ -54,20 +54,17 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, cfg
 
 
-def run_setting(model, tok, removed: list[int], tokens: int, setting: dict, seed: int) -> dict:
+def run_setting(model, data, heldout, removed: list[int], tokens: int, setting: dict,
+                seed: int) -> dict:
     from e3pruner.distill import RecoveryConfig, make_student, recover
     from e3pruner.evaluate import perplexity
-    from e3pruner.pipeline import PruneArgs, prepare_data
     from e3pruner.train import seed_everything
 
-    setting = dict(setting)
-    args = PruneArgs(block_len=setting.pop("block_len", 256), seed=seed,
-                     recovery_batch_size=setting.get("batch_size", 4))
     seed_everything(seed)
-    data, heldout = prepare_data(args, tok)
     n_layers = model.config.num_hidden_layers
     keep = [i for i in range(n_layers) if i not in set(removed)]
-    cfg = RecoveryConfig(**{"tokens": tokens, "lr": 4e-4, "amp": "bf16", **setting})
+    cfg = RecoveryConfig(**{"tokens": tokens, "lr": 4e-4, "amp": "bf16",
+                            **{k: v for k, v in setting.items() if k != "block_len"}})
     t0 = time.time()
     student, summary = recover(make_student(model, keep), model, data, cfg, keep=keep,
                                seed=seed, progress=False)
@@ -92,12 +89,21 @@ def main() -> None:
     settings = dict(parse_setting(s) for s in a.settings) if a.settings else DEFAULT_SETTINGS
     removed = [int(x) for x in a.removed.split(",") if x.strip()]
     model, tok = load_model("smollm2-135m", dtype="auto", device="cpu")
-    _, heldout = prepare_data(PruneArgs(seed=a.seed), tok)
+    data_by_len = {}  # block_len -> (PruneData, held-out ids): tokenized once per length
+
+    def data_for(block_len: int):
+        if block_len not in data_by_len:
+            data_by_len[block_len] = prepare_data(PruneArgs(block_len=block_len, seed=a.seed,
+                                                            recovery_batch_size=1), tok)
+        return data_by_len[block_len]
+
+    heldout = data_for(256)[1]
     teacher_ppl = perplexity(model, heldout, 512, batch_size=4, progress=False)["ppl"]
     rows = {}
     for name, setting in settings.items():
-        rows[name] = {"setting": setting, **run_setting(model, tok, removed, a.tokens, setting,
-                                                         a.seed)}
+        data, held = data_for(setting.get("block_len", 256))
+        rows[name] = {"setting": setting, **run_setting(model, data, held, removed, a.tokens,
+                                                         setting, a.seed)}
         r = rows[name]
         print(f"{name:<16} ppl {r['ppl']:8.3f} ({r['ppl'] / teacher_ppl:.3f}x teacher)  "
               f"{r['seconds']:6.1f} s  {r['steps']} steps  {json.dumps(setting)}", flush=True)

@@ -402,9 +402,10 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
             loss = out.loss / scale
             with nullcontext() if sync else no_sync():
                 loss.backward()
+            value = loss.item()
             ce_sum = float(out.ce.sum()) if ce else 0.0
-            sums += torch.tensor([loss.item(), (loss.item() - cfg.ce_weight * ce_sum / scale),
-                                  ce_sum, float(out.num_valid) if ce else 0.0], dtype=torch.float64)
+            sums += torch.tensor([value, value - cfg.ce_weight * ce_sum / scale, ce_sum,
+                                  float(out.num_valid) if ce else 0.0], dtype=torch.float64)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         opt.step()

@@ -235,8 +235,9 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
     if args.recovery_tokens:
         dist.check_divides(recovery_batch(args), "--recovery-batch-size")
     state = RunState(run, fresh=not args.resume, write=dist.is_main)
-    state.check_resume(args, ("model", "data", "block_len", "batch_size", "recovery_batch_size", "seed",
-                              "search_tokens", "recovery_tokens", "calib_blocks", "grad_accum"))
+    state.check_resume(args, ("model", "data", "block_len", "batch_size", "recovery_batch_size",
+                              "seed", "search_tokens", "recovery_tokens", "calib_blocks",
+                              "grad_accum"))
     state.set("args", asdict(args))
     seed_everything(args.seed)
 

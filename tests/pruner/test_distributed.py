@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from e3pruner.distributed import DistContext, init_distributed
-from tests.pruner.test_pipeline import _args
+from tests.pruner.test_pipeline import _args, _cli, _flags, _phase_steps, _run_until
 from tests.pruner.tiny_models import tiny_model_dir
 
 
@@ -33,22 +33,21 @@ def test_single_process_context_without_torchrun():
         init_distributed({}, "cpu", "tp")
 
 
-def _flags(args: dict) -> list[str]:
-    out = []
-    for k, v in args.items():
-        if k != "progress":
-            out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    return out
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _prune_cmd(n_proc: int, args: dict, parallel: str) -> list[str]:
+    """`e3pruner prune` under torchrun with n_proc processes (plain python for 1)."""
+    if n_proc == 1:
+        return _cli(args)
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n_proc}",
+            "--standalone", "-m", "e3pruner", "prune", "--no-progress",
+            "--parallel", parallel] + _flags(args)
 
 
 def _launch(n_proc: int, args: dict, parallel: str):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n_proc}",
-           "--standalone", "-m", "e3pruner", "prune", "--no-progress", "--parallel", parallel]
-    if n_proc == 1:
-        cmd = [sys.executable, "-m", "e3pruner", "prune", "--no-progress"]
-    cmd += _flags(args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(_prune_cmd(n_proc, args, parallel), env=ENV, capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     run = __import__("pathlib").Path(args["out"])
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -98,15 +97,6 @@ def test_two_processes_match_one(tmp_path, parallel):
     assert changed > 0  # recovery trained something
 
 
-def _torchrun_until(args: dict, parallel: str, stop) -> None:
-    """Start a 2-process run and SIGKILL its whole process group once `stop()` holds."""
-    from tests.pruner.test_pipeline import _run_until
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-           "-m", "e3pruner", "prune", "--no-progress", "--parallel", parallel] + _flags(args)
-    _run_until(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, stop)
-
-
 @pytest.mark.slow
 def test_fsdp_resume_after_kill_matches_uninterrupted(tmp_path):
     """2 ranks under FSDP, killed in the middle of the recovery (after a checkpoint of the
@@ -114,7 +104,6 @@ def test_fsdp_resume_after_kill_matches_uninterrupted(tmp_path):
     weights of the uninterrupted one."""
     from transformers import AutoModelForCausalLM
 
-    from tests.pruner.test_pipeline import _phase_steps
 
     model_dir, train, held = tiny_model_dir(tmp_path, "qwen3")
     common = dict(batch_size=4, recovery_batch_size=4, recovery_tokens=32 * 4 * 12,
@@ -124,7 +113,7 @@ def test_fsdp_resume_after_kill_matches_uninterrupted(tmp_path):
 
     b = _args(tmp_path, model_dir, train, held, out=tmp_path / "b", **common)
     metrics = tmp_path / "b" / "metrics.jsonl"
-    _torchrun_until(b, "fsdp", lambda: _phase_steps(metrics, "recovery") >= 6)
+    _run_until(_prune_cmd(2, b, "fsdp"), ENV, lambda: _phase_steps(metrics, "recovery") >= 6)
     assert (tmp_path / "b" / "recovery_ckpt.pt").exists()
     assert _phase_steps(metrics, "recovery") < 12
     res, recs_b = _launch(2, dict(b, resume=True), "fsdp")

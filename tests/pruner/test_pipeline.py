@@ -73,13 +73,17 @@ def test_bad_input_fails_before_work(tmp_path):
     assert recovery_ce_weight(PruneArgs(teacher="live", ce_weight=0.0)) == 0.0
 
 
-def _cli(args: dict) -> list[str]:
-    cmd = [sys.executable, "-m", "e3pruner", "prune", "--no-progress"]
+def _flags(args: dict) -> list[str]:
+    """`e3pruner prune` flags from run_prune-style kwargs (True: a bare flag)."""
+    out = []
     for k, v in args.items():
-        if k == "progress":
-            continue
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    return cmd
+        if k != "progress":
+            out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return out
+
+
+def _cli(args: dict) -> list[str]:
+    return [sys.executable, "-m", "e3pruner", "prune", "--no-progress"] + _flags(args)
 
 
 def _run_until(cmd, env, stop) -> None:
