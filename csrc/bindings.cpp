@@ -1,5 +1,6 @@
 #include <omp.h>
 
+#include "cpu_isa.h"
 #include "registry.h"
 
 namespace e3 {
@@ -19,19 +20,20 @@ pybind11::dict build_info() {
 #elif defined(__GNUC__)
   info["compiler"] = "gcc " __VERSION__;
 #endif
-#if defined(__AVX512F__)
-  info["simd"] = "avx512";
-#elif defined(__AVX2__)
-  info["simd"] = "avx2";
-#else
-  info["simd"] = "baseline";
-#endif
+  // The CPU ISA level the multi-ISA kernels run at (chosen at run time from CPUID).
+  info["isa"] = e3::isa_name(e3::active_isa());
+  info["isa_cpu"] = e3::isa_name(e3::cpu_max_isa());
+  info["isa_built"] = e3::built_isas();
+  const std::string note = e3::isa_note();
+  if (!note.empty()) info["isa_note"] = note;
   return info;
 }
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "e3kernels C++ CPU kernels (OpenMP)";
-  m.def("build_info", &build_info, "Compiler, SIMD level, OpenMP threads and torch version of this build.");
+  m.def("build_info", &build_info,
+        "Compiler, torch version, OpenMP threads, and the CPU ISA level chosen at run time "
+        "(isa), the CPU's highest (isa_cpu) and the levels built (isa_built).");
   for (auto reg : e3::registrars()) reg(m);
 }

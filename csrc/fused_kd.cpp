@@ -29,9 +29,6 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
 #endif
@@ -48,6 +45,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
+#include "isa/fused_kd_tiles.h"
 #include "registry.h"
 
 extern "C" {
@@ -108,8 +107,6 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, 
 // MKL's sgemm (MKL's own bf16 GEMM takes no bf16 path on AMD). K is always even here (the
 // operands are zero-padded), so no K tail is ever handed to the kernel.
 // ------------------------------------------------------------------------------------------
-using bf16_t = uint16_t;  // raw bfloat16 bits
-
 std::atomic<bool> g_bf16_gemm_enabled{true};  // fused_kd_set_bf16_gemm(False) forces fp32
 
 // CPUBLAS_BRGEMM_BF16BF16F32: defined by CPUBlas.h of the torch versions that export it.
@@ -130,14 +127,6 @@ inline void brgemm_done() {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   at::native::cpublas::brgemm_release(true);
 #endif
-}
-
-// float -> bf16, round to nearest even (NaN stays NaN), the rounding of c10::BFloat16.
-inline bf16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? bf16_t(0x7FC0) : static_cast<bf16_t>(r);
 }
 
 // Why the CPU cannot take the bf16 route (empty: it can). Checked once: x86-64 with AVX512_BF16
@@ -163,7 +152,7 @@ const std::string& bf16_gemm_cpu_reason() {
       constexpr int64_t M = 3, N = 5, K = 4;
       bf16_t a[M * K], b[K * N];
       float c[M * N], want[M * N];
-      auto bf = [](float v) { return to_bf16(v); };
+      auto bf = [](float v) { return c10::BFloat16(v).x; };
       for (int64_t i = 0; i < M; ++i)
         for (int64_t k = 0; k < K; ++k) a[i * K + k] = bf(static_cast<float>(i + 2 * k - 3));
       for (int64_t k = 0; k < K; ++k)
@@ -194,152 +183,28 @@ std::string bf16_gemm_off_reason() {
   }
   // brgemm refuses to run while oneDNN is disabled; checked before the (cached) probe.
   if (!at::globalContext().userEnabledMkldnn()) return "oneDNN is disabled (torch.backends.mkldnn)";
+  if (active_isa() != Isa::kAvx512) {
+    return std::string("the CPU ISA level is ") + isa_name(active_isa()) + " (the route needs avx512)";
+  }
   return bf16_gemm_cpu_reason();
+}
+
+// The tile loops of the ISA level chosen at run time.
+const TileKernels& tiles() {
+#if defined(E3_MULTI_ISA)
+  switch (active_isa()) {
+    case Isa::kAvx512: return isa_avx512::tile_kernels();
+    case Isa::kAvx2: return isa_avx2::tile_kernels();
+    default: break;
+  }
+#endif
+  return isa_baseline::tile_kernels();
 }
 
 // Whether a side whose hidden states and head are both bf16 takes the bf16 GEMM route.
 bool use_bf16_gemm(const at::Tensor& h, const at::Tensor& w) {
   return h.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
          bf16_gemm_off_reason().empty();
-}
-
-// Transpose of 32-bit elements: dst[c * ldd + r] = src element (r, c), where row r starts at byte
-// src + r * row_bytes (any alignment). CVT: the elements are fp32 and dst gets them as bf16.
-template <bool CVT>
-void transpose32(const char* src, int64_t row_bytes, int64_t rows, int64_t cols,
-                 std::conditional_t<CVT, bf16_t, uint32_t>* dst, int64_t ldd) {
-  auto load = [&](int64_t r, int64_t c) {
-    uint32_t u;
-    std::memcpy(&u, src + r * row_bytes + c * 4, 4);
-    return u;
-  };
-  auto put = [&](int64_t r, int64_t c, uint32_t u) {
-    if constexpr (CVT) {
-      float f;
-      std::memcpy(&f, &u, 4);
-      dst[c * ldd + r] = to_bf16(f);
-    } else {
-      dst[c * ldd + r] = u;
-    }
-  };
-  int64_t r16 = 0, c16 = 0;
-#if defined(__AVX512F__)
-  r16 = rows / 16 * 16;
-  c16 = cols / 16 * 16;
-  for (int64_t r0 = 0; r0 < r16; r0 += 16) {
-    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
-      __m512i x[16], t[16];
-      for (int i = 0; i < 16; ++i) x[i] = _mm512_loadu_si512(src + (r0 + i) * row_bytes + c0 * 4);
-      for (int i = 0; i < 16; i += 2) {  // 2x2 blocks of 32 bits inside each 128-bit lane
-        t[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
-      }
-      // u[4g + c]: lane L holds column 4L + c of rows 4g .. 4g + 3
-      __m512i u[16];
-      for (int g = 0; g < 4; ++g) {
-        u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-      }
-      for (int c = 0; c < 4; ++c) {  // 4x4 transpose of 128-bit lanes
-        const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
-        const __m512i x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
-        const __m512i y0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
-        const __m512i y1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
-        x[c] = _mm512_shuffle_i32x4(x0, y0, _MM_SHUFFLE(2, 0, 2, 0));       // column c
-        x[4 + c] = _mm512_shuffle_i32x4(x1, y1, _MM_SHUFFLE(2, 0, 2, 0));   // column 4 + c
-        x[8 + c] = _mm512_shuffle_i32x4(x0, y0, _MM_SHUFFLE(3, 1, 3, 1));   // column 8 + c
-        x[12 + c] = _mm512_shuffle_i32x4(x1, y1, _MM_SHUFFLE(3, 1, 3, 1));  // column 12 + c
-      }
-      for (int j = 0; j < 16; ++j) {
-        if constexpr (CVT) {  // to_bf16 on 16 lanes
-          const __m512i v = x[j];
-          const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(v, 16), _mm512_set1_epi32(1));
-          const __m512i r = _mm512_srli_epi32(
-              _mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-          const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-              _mm512_and_si512(v, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-          const __m512i rr = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + j) * ldd + r0),
-                              _mm512_cvtepi32_epi16(rr));
-        } else {
-          _mm512_storeu_si512(dst + (c0 + j) * ldd + r0, x[j]);
-        }
-      }
-    }
-  }
-#endif
-  // Edges (everything without AVX-512), in 16 x 16 blocks for locality.
-  for (int64_t rb = 0; rb < rows; rb += 16) {
-    for (int64_t cb = 0; cb < cols; cb += 16) {
-      if (rb < r16 && cb < c16) continue;
-      const int64_t re = std::min(rows, rb + 16), ce = std::min(cols, cb + 16);
-      for (int64_t r = rb; r < re; ++r)
-        for (int64_t c = cb; c < ce; ++c) put(r, c, load(r, c));
-    }
-  }
-}
-
-// One VNNI-2 row pair: dst[2 j] = r0[j], dst[2 j + 1] = r1[j] (0 when r1 is null), j < n.
-inline void interleave_rows(const bf16_t* __restrict r0, const bf16_t* __restrict r1, int64_t n,
-                            bf16_t* __restrict dst) {
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-  if (r1 == nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) d[j] = r0[j];
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) d[j] = uint32_t(r0[j]) | (uint32_t(r1[j]) << 16);
-  }
-}
-
-// Rows [r0, r0 + n) of a row-major bf16 matrix [*, D] as a VNNI-2 B operand [K = n, N = D]
-// (pairs of rows; an odd last row is paired with zeros): dst holds ceil(n / 2) * 2 * D values.
-void pack_rows_k(const bf16_t* x, int64_t D, int64_t r0, int64_t n, bf16_t* dst) {
-  for (int64_t p = 0; 2 * p < n; ++p) {
-    const bf16_t* a = x + (r0 + 2 * p) * D;
-    interleave_rows(a, 2 * p + 1 < n ? a + D : nullptr, D, dst + p * 2 * D);
-  }
-}
-
-// Rows [v0, v0 + n) of a bf16 head [*, D] as the VNNI-2 B operand of z = h w^T:
-// B[K = Kp, N = n] with B[k][j] = w[v0 + j][k] (k >= D: 0); dst holds Kp * n values (ldb = n).
-void pack_rows_t(const bf16_t* w, int64_t D, int64_t v0, int64_t n, bf16_t* dst) {
-  const int64_t pairs = D / 2;
-  transpose32<false>(reinterpret_cast<const char*>(w + v0 * D), D * 2, n, pairs,
-                     reinterpret_cast<uint32_t*>(dst), n);
-  if (D % 2 == 1) {  // last k pair: (w[.][D - 1], 0)
-    uint32_t* d = reinterpret_cast<uint32_t*>(dst) + pairs * n;
-    for (int64_t j = 0; j < n; ++j) d[j] = w[(v0 + j) * D + D - 1];
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// exp for the epilogue: plain scalar code that GCC/Clang vectorize under `omp simd`
-// (Cephes-style degree-6 polynomial, ~1 ulp). Exactly 0 below -87.3 (FLT_MIN range), so
-// -inf inputs give 0; clamped at 88 (inputs here are z - max <= 0 up to rounding).
-// ------------------------------------------------------------------------------------------
-inline float fexp(float x) {
-  constexpr float kLo = -87.33654475f, kHi = 88.0f;
-  float xc = x < kLo ? kLo : x;
-  xc = xc > kHi ? kHi : xc;
-  constexpr float kShift = 12582912.f;  // 1.5 * 2^23: round-to-nearest trick
-  const float n = (xc * 1.44269504088896341f + kShift) - kShift;
-  float r = std::fma(n, -0.693359375f, xc);
-  r = std::fma(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = std::fma(p, r, 1.3981999507e-3f);
-  p = std::fma(p, r, 8.3334519073e-3f);
-  p = std::fma(p, r, 4.1665795894e-2f);
-  p = std::fma(p, r, 1.6666665459e-1f);
-  p = std::fma(p, r, 5.0000001201e-1f);
-  p = std::fma(p, r * r, r) + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  const float y = p * s;
-  return x < kLo ? 0.f : y;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -354,6 +219,9 @@ struct Stats {
   void reset() {
     ms = mt = m1 = kNegInf;
     ls = lt = at = k = l1 = lab = 0.0;
+  }
+  static Stats of(const TileRowStats& t, double lab) {
+    return {t.ms, t.mt, t.m1, t.ls, t.lt, t.at, t.k, t.l1, lab};
   }
 };
 
@@ -393,90 +261,6 @@ inline void merge(Stats& d, const Stats& s, bool reverse, bool ce_sep) {
     }
   }
   d.lab += s.lab;
-}
-
-// Statistics of one tile row (unscaled logits s[0..n), t[0..n)) relative to the tile maxima.
-template <bool REV, bool CE_SEP>
-inline void tile_row_stats(const float* __restrict s, const float* __restrict t, int64_t n,
-                           float inv_t, Stats& out) {
-  float mxs = kNegInf, mxt = kNegInf;
-#pragma omp simd reduction(max : mxs, mxt)
-  for (int64_t j = 0; j < n; ++j) {
-    mxs = std::max(mxs, s[j]);
-    mxt = std::max(mxt, t[j]);
-  }
-  out.ms = mxs * inv_t;  // inv_t > 0: the max commutes with the scaling
-  out.mt = mxt * inv_t;
-  const float bs = out.ms == kNegInf ? 0.f : out.ms;
-  const float bt = out.mt == kNegInf ? 0.f : out.mt;
-  float sl = 0.f, tl = 0.f, ta = 0.f, tk = 0.f;
-#pragma omp simd reduction(+ : sl, tl, ta, tk)
-  for (int64_t j = 0; j < n; ++j) {
-    const float zs = s[j] * inv_t, zt = t[j] * inv_t;
-    const float es = fexp(zs - bs), et = fexp(zt - bt);
-    sl += es;
-    tl += et;
-    ta += et > 0.f ? et * (zt - bt) : 0.f;
-    if (REV) {
-      tk += es > 0.f ? es * (zs - zt) : 0.f;
-    } else {
-      tk += et > 0.f ? et * (zt - zs) : 0.f;
-    }
-  }
-  out.ls = sl;
-  out.lt = tl;
-  out.at = ta;
-  out.k = tk;
-  if (CE_SEP) {
-    out.m1 = mxs;
-    const float b1 = mxs == kNegInf ? 0.f : mxs;
-    float l1 = 0.f;
-#pragma omp simd reduction(+ : l1)
-    for (int64_t j = 0; j < n; ++j) l1 += fexp(s[j] - b1);
-    out.l1 = l1;
-  }
-}
-
-// Backward of one tile row: overwrites s (unscaled student logits) with dz = d loss / d(hs ws^T).
-//   c_kl = g_kl / T (0 for ignored rows), c_ce = g_ce (0 for ignored rows / no CE).
-// CE: 0 none, 1 shared with the student softmax (T == 1), 2 separate unscaled softmax.
-template <bool REV, int CE>
-inline void tile_row_grad(float* __restrict s, const float* __restrict t, int64_t n, float inv_t,
-                          float lse_s, float lse_t, float kl, float c_kl, float c_ce,
-                          float lse1) {
-  if (REV) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const float lps = s[j] * inv_t - lse_s;
-      const float lpt = t[j] * inv_t - lse_t;
-      const float ps = fexp(lps);
-      float d = ps > 0.f ? c_kl * ps * (lps - lpt - kl) : 0.f;
-      if (CE == 1) d += c_ce * ps;
-      if (CE == 2) d += c_ce * fexp(s[j] - lse1);
-      s[j] = d;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const float ps = fexp(s[j] * inv_t - lse_s);
-      const float pt = fexp(t[j] * inv_t - lse_t);
-      float d = c_kl * (ps - pt);
-      if (CE == 1) d += c_ce * ps;
-      if (CE == 2) d += c_ce * fexp(s[j] - lse1);
-      s[j] = d;
-    }
-  }
-}
-
-// Row-only backward when no KL gradient flows (CE only): t is not needed.
-template <int CE>
-inline void tile_row_grad_ce_only(float* __restrict s, int64_t n, float inv_t, float lse_s,
-                                  float c_ce, float lse1) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = CE == 1 ? fexp(s[j] * inv_t - lse_s) : fexp(s[j] - lse1);
-    s[j] = c_ce * p;
-  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -520,9 +304,10 @@ struct Side {
   int64_t lda = 0;
   std::vector<float> hbuf32, wbuf32;  // fp32 route conversions: [nc_max, D], T x [kBlockV, D]
   std::vector<bf16_t> hbufA, wpack;   // bf16 route: [nc_max, Kp] (odd D), T x [Kp, kBlockV]
+  const TileKernels& K;               // the tile loops of the ISA level in use
 
-  Side(const at::Tensor& h_, const at::Tensor& w_, int T, int64_t nc_max)
-      : h(h_), w(w_), bf16(use_bf16_gemm(h_, w_)), D(h.D), Kp(D + D % 2) {
+  Side(const at::Tensor& h_, const at::Tensor& w_, int T, int64_t nc_max, const TileKernels& k)
+      : h(h_), w(w_), bf16(use_bf16_gemm(h_, w_)), D(h.D), Kp(D + D % 2), K(k) {
     if (bf16) {
       if (D % 2 == 1) hbufA.assign(static_cast<size_t>(nc_max * Kp), 0);
       wpack.resize(static_cast<size_t>(T) * Kp * kBlockV);
@@ -557,7 +342,7 @@ struct Side {
   const float* logits(int tid, int64_t v0, int64_t bv, float* z, bool use_blas) {
     if (bf16) {
       bf16_t* bp = wpack.data() + static_cast<int64_t>(tid) * Kp * kBlockV;
-      pack_rows_t(w.bf16, D, v0, bv, bp);
+      K.pack_rows_t(w.bf16, D, v0, bv, bp);
       brgemm_bf16(nc, bv, Kp, lda, bv, bv, false, hA, bp, z);
       return nullptr;
     }
@@ -679,25 +464,27 @@ void run_groups(const Groups& gr, bool nested, int T, const F& body) {
 template <bool REV, bool CE_SEP>
 void forward_chunk_tiles(Side& S, Side& Tc, int64_t nc, int64_t V, float inv_t,
                          const int64_t* lab_chunk, bool track_label, const Groups& gr,
-                         std::vector<float>& tiles, std::vector<Stats>& slots, int64_t nc_max,
-                         bool nested, int T, bool use_blas) {
+                         std::vector<float>& tiles, std::vector<TileRowStats>& row_stats,
+                         std::vector<Stats>& slots, int64_t nc_max, bool nested, int T,
+                         bool use_blas) {
+  const auto tile_stats = S.K.tile_stats[REV][CE_SEP];
   run_groups(gr, nested, T, [&](int tid, int64_t g) {
     float* zs = tiles.data() + static_cast<int64_t>(tid) * 2 * nc_max * kBlockV;
     float* zt = zs + nc_max * kBlockV;
+    TileRowStats* rs = row_stats.data() + static_cast<int64_t>(tid) * nc_max;
     Stats* st = slots.data() + g * nc_max;
-    Stats tile;
     for (int64_t vb = gr.lo(g); vb < gr.hi(g); ++vb) {
       const int64_t v0 = vb * kBlockV, bv = std::min(kBlockV, V - v0);
       S.logits(tid, v0, bv, zs, use_blas);
       Tc.logits(tid, v0, bv, zt, use_blas);
+      tile_stats(zs, zt, nc, bv, inv_t, rs);
       for (int64_t i = 0; i < nc; ++i) {
-        tile_row_stats<REV, CE_SEP>(zs + i * bv, zt + i * bv, bv, inv_t, tile);
-        tile.lab = 0.0;
+        double lab = 0.0;
         if (track_label) {
           const int64_t c = lab_chunk[i] - v0;
-          if (c >= 0 && c < bv) tile.lab = zs[i * bv + c];
+          if (c >= 0 && c < bv) lab = zs[i * bv + c];
         }
-        merge(st[i], tile, REV, CE_SEP);
+        merge(st[i], Stats::of(rs[i], lab), REV, CE_SEP);
       }
     }
     if (S.bf16 || Tc.bf16) brgemm_done();
@@ -730,8 +517,10 @@ std::vector<at::Tensor> fused_kd_forward(const at::Tensor& hs, const at::Tensor&
   const bool nested = at::in_parallel_region();
   const int T = nested ? 1 : std::max(1, at::get_num_threads());
   const int64_t nc_max = std::min(N, kChunkN);
-  Side S(hs, ws, T, nc_max), Tc(ht, wt, T, nc_max);
+  const TileKernels& K = tiles();
+  Side S(hs, ws, T, nc_max, K), Tc(ht, wt, T, nc_max, K);
   std::vector<float> tiles(static_cast<size_t>(T) * 2 * nc_max * kBlockV);
+  std::vector<TileRowStats> row_stats(static_cast<size_t>(T) * nc_max);
   const Groups gr = make_groups((V + kBlockV - 1) / kBlockV, T, 0);
   std::vector<Stats> slots(static_cast<size_t>(gr.G) * nc_max);
 
@@ -750,8 +539,8 @@ std::vector<at::Tensor> fused_kd_forward(const at::Tensor& hs, const at::Tensor&
     for (auto& s : slots) s.reset();
     const int64_t* lab_chunk = labp ? labp + n0 : nullptr;
 #define E3_FWD_CALL(R, C)                                                                    \
-  forward_chunk_tiles<R, C>(S, Tc, nc, V, inv_t, lab_chunk, track_label, gr, tiles, slots,     \
-                            nc_max, nested, T, use_blas)
+  forward_chunk_tiles<R, C>(S, Tc, nc, V, inv_t, lab_chunk, track_label, gr, tiles, row_stats, \
+                            slots, nc_max, nested, T, use_blas)
     if (reverse) {
       if (ce_sep) E3_FWD_CALL(true, true); else E3_FWD_CALL(true, false);
     } else {
@@ -792,11 +581,6 @@ std::vector<at::Tensor> fused_kd_forward(const at::Tensor& hs, const at::Tensor&
 // ------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------
-struct RowCoef {
-  float c_kl, c_ce, lse_s, lse_t, kl, lse1;
-  int64_t label;  // -1 when no CE term for this row
-};
-
 // Gradient GEMMs of a bf16 student (bf16 route): dz is rounded to bf16 once per tile (the
 // GEMM inputs), the products are exact in fp32 and every sum stays in fp32 (the grad_hs slots
 // and grad_ws are fp32 accumulators; nothing is accumulated in bf16 across vocab blocks).
@@ -818,7 +602,7 @@ struct Bf16Grad {
 
   void set_chunk(const Side& S, int64_t n0, int64_t nc, bool need_grad_ws) {
     ncp = nc + nc % 2;
-    if (need_grad_ws) pack_rows_k(S.h.bf16, Ds, n0, nc, hpack.data());
+    if (need_grad_ws) S.K.pack_rows_k(S.h.bf16, Ds, n0, nc, hpack.data());
   }
 
   // acc [nc, Ds] (+)= dz ws[v0 : v0 + bv];  gws[v0 : v0 + bv] += dz^T hs_chunk.
@@ -828,17 +612,11 @@ struct Bf16Grad {
     bf16_t* a = dz.data() + tid * dz_stride;
     bf16_t* a_t = dzt.data() + tid * dzt_stride;
     bf16_t* bw = wpack.data() + static_cast<int64_t>(tid) * kBlockV * Ds;
-    for (int64_t i = 0; i < nc; ++i) {
-      const float* src = z + i * bv;
-      bf16_t* d = a + i * bvp;
-#pragma omp simd
-      for (int64_t j = 0; j < bv; ++j) d[j] = to_bf16(src[j]);
-      if (bvp != bv) d[bv] = 0;
-    }
-    pack_rows_k(S.w.bf16, Ds, v0, bv, bw);
+    S.K.round_to_bf16(z, bv, nc, bv, a, bvp, bvp != bv);
+    S.K.pack_rows_k(S.w.bf16, Ds, v0, bv, bw);
     brgemm_bf16(nc, Ds, bvp, bvp, Ds, Ds, !first, a, bw, acc);
     if (gws != nullptr) {
-      transpose32<true>(reinterpret_cast<const char*>(z), bv * 4, nc, bv, a_t, ncp);
+      S.K.transpose32_to_bf16(reinterpret_cast<const char*>(z), bv * 4, nc, bv, a_t, ncp);
       if (ncp != nc) {
         for (int64_t v = 0; v < bv; ++v) a_t[v * ncp + nc] = 0;
       }
@@ -853,6 +631,7 @@ void backward_chunk_tiles(Side& S, Side& Tc, int64_t nc, int64_t V, float inv_t,
                           std::vector<float>& tiles, std::vector<float>& acc, Bf16Grad& bg,
                           int64_t nc_max, bool nested, int T, bool use_blas) {
   const int64_t Ds = S.D;
+  const auto tile_grad = S.K.tile_grad[REV][CE];
   run_groups(gr, nested, T, [&](int tid, int64_t g) {
     float* zs = tiles.data() + static_cast<int64_t>(tid) * 2 * nc_max * kBlockV;
     float* zt = zs + nc_max * kBlockV;
@@ -861,21 +640,7 @@ void backward_chunk_tiles(Side& S, Side& Tc, int64_t nc, int64_t V, float inv_t,
       const int64_t v0 = vb * kBlockV, bv = std::min(kBlockV, V - v0);
       const float* wsb = S.logits(tid, v0, bv, zs, use_blas);
       if (need_t) Tc.logits(tid, v0, bv, zt, use_blas);
-      for (int64_t i = 0; i < nc; ++i) {
-        const RowCoef& c = coef[i];
-        float* srow = zs + i * bv;
-        if (c.c_kl == 0.f && c.c_ce == 0.f) {
-          std::fill(srow, srow + bv, 0.f);
-          continue;
-        }
-        if (need_t) {
-          tile_row_grad<REV, CE>(srow, zt + i * bv, bv, inv_t, c.lse_s, c.lse_t, c.kl, c.c_kl,
-                                 c.c_ce, c.lse1);
-        } else if (CE != 0) {
-          tile_row_grad_ce_only<CE == 0 ? 1 : CE>(srow, bv, inv_t, c.lse_s, c.c_ce, c.lse1);
-        }
-        if (CE != 0 && c.label >= v0 && c.label < v0 + bv) srow[c.label - v0] -= c.c_ce;
-      }
+      tile_grad(zs, zt, nc, bv, v0, inv_t, coef, need_t);
       // grad_hs slot of this group (+)= dz ws_blk ; grad_ws[blk] += dz^T hs_chunk
       const bool first = vb == gr.lo(g);
       if (S.bf16) {
@@ -924,7 +689,8 @@ std::vector<at::Tensor> fused_kd_backward(
   const bool nested = at::in_parallel_region();
   const int T = nested ? 1 : std::max(1, at::get_num_threads());
   const int64_t nc_max = std::min(N, kChunkN);
-  Side S(hs, ws, T, nc_max), Tc(ht, wt, T, nc_max);
+  const TileKernels& K = tiles();
+  Side S(hs, ws, T, nc_max, K), Tc(ht, wt, T, nc_max, K);
   const int64_t Ds = S.D;
   Bf16Grad bg;
   if (S.bf16) bg.init(S, T, nc_max, need_grad_ws);
@@ -1021,6 +787,7 @@ pybind11::dict kernel_info() {
   d["chunk_n"] = kChunkN;
   d["block_v"] = kBlockV;
   d["gemm"] = blas_available() ? "sgemm_ (torch's BLAS)" : "at::mm_out";
+  d["isa"] = tiles().isa;
   const std::string why = bf16_gemm_off_reason();
   d["gemm_bf16"] = why.empty() ? std::string("cpublas::brgemm (oneDNN, bf16 x bf16 -> fp32)")
                                : "off: " + why;

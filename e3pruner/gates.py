@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from e3pruner.models.families import decoder_layers
+from e3pruner.models.kv_cache import layer_cache
 
 _STATE = "_e3_gate_state"
 
@@ -40,7 +41,7 @@ class GateState:
 def _gated_forward(layer: nn.Module, idx: int, state: GateState, original):
     def forward(self, hidden_states, *args, **kwargs):
         m = state.gate(idx)
-        if (m is not None and not m.requires_grad and kwargs.get("past_key_values") is None
+        if (m is not None and not m.requires_grad and layer_cache(kwargs) is None
                 and bool((m == 0).all())):
             return hidden_states  # skipped; with a KV cache we still run it to fill the cache
         out = original(hidden_states, *args, **kwargs)

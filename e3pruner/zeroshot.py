@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from e3pruner.models.kv_cache import cache_kwargs, output_cache
+
 TOKENIZER_INFINITY = 1000000000000000019884624838656  # lm-eval: "model_max_length unset"
 DEFAULT_MAX_LENGTH = 2048
 
@@ -284,13 +286,13 @@ def _shared_lls(model, groups: Sequence[tuple[tuple[int, ...], list[tuple[int, l
                 ids[r - i, :lens[r]] = torch.tensor(batch[r][0])
             last = torch.unique(lens[i:j] - 1)
             kw = {"logits_to_keep": last.to(device)} if keep_arg else {}
-            res = model(ids.to(device), past_key_values=DynamicCache(), use_cache=True, **kw)
+            res = model(ids.to(device), **cache_kwargs(model, DynamicCache()), use_cache=True, **kw)
             col = torch.searchsorted(last, lens[i:j] - 1) if keep_arg else lens[i:j] - 1
             lp = F.log_softmax(res.logits[torch.arange(j - i, device=device), col.to(device)],
                                dim=-1)
             first[i:j] = list(lp)
             flat.append([tuple(t.transpose(0, 1).flatten(1, 2) for t in (layer.keys, layer.values))
-                         for layer in res.past_key_values.layers])
+                         for layer in output_cache(res).layers])
             offset[i:j] = base + width * torch.arange(j - i)
             base += width * (j - i)
             del res
@@ -314,7 +316,8 @@ def _shared_lls(model, groups: Sequence[tuple[tuple[int, ...], list[tuple[int, l
                               torch.ones(len(chunk), span, dtype=torch.bool)], dim=1)
             pos = lens[group, None] + torch.arange(span)[None]
             logits = model(ids.to(device), attention_mask=mask.long().to(device),
-                           position_ids=pos.to(device), past_key_values=past, use_cache=True).logits
+                           position_ids=pos.to(device), **cache_kwargs(model, past),
+                           use_cache=True).logits
             for q, (r, t) in enumerate(chunk):
                 logps[r, t] = F.log_softmax(logits[q, :len(t)], dim=-1)
         for r, (_, reqs) in enumerate(batch):

@@ -164,7 +164,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("kwargs", [c[1] for c in CASES], ids=[c[0] for c in CASES])
-def test_matches_fp64_reference(C, kwargs):
+def test_matches_fp64_reference(C, cpu_isa, kwargs):
+    """At every ISA level this CPU runs (the multi-ISA tile loops; see test_cpu_isa.py)."""
     _run_case(C, **kwargs)
 
 
@@ -286,6 +287,9 @@ def test_bf16_route_available_where_the_cpu_has_avx512_bf16(C):
     flags = _cpu_flags()
     if "avx512_bf16" not in flags or "amx_bf16" in flags or not torch.backends.mkldnn.is_available():
         pytest.skip("no AVX512_BF16, an AMX CPU, or no oneDNN: the bf16 route is expected off")
+    if C.build_info()["isa"] != "avx512":
+        assert "the route needs avx512" in C.fused_kd_info()["gemm_bf16"], C.fused_kd_info()
+        pytest.skip(f"ISA level lowered to {C.build_info()['isa']}: the bf16 route is expected off")
     prev = C.fused_kd_set_bf16_gemm(True)
     try:
         assert C.fused_kd_info()["gemm_bf16"].startswith("cpublas::brgemm"), C.fused_kd_info()

@@ -12,6 +12,7 @@ import torch
 
 from e3pruner.pipeline import PruneArgs, PruneError, run_prune
 from tests.pruner.tiny_models import tiny_model_dir
+from tests.records import assert_records_close
 
 
 def _args(root, model_path, train, held, **kw):
@@ -149,8 +150,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     rec_a, rec_b = records("a"), records("b")
     assert [(r["phase"], r["step"]) for r in rec_a] == [(r["phase"], r["step"]) for r in rec_b]
     for x, y in zip(rec_a, rec_b):
-        assert x.get("loss") == pytest.approx(y.get("loss"), rel=1e-5, abs=1e-7)
-        assert x.get("alpha") == pytest.approx(y.get("alpha"), rel=1e-5, abs=1e-6)
+        assert_records_close(x, y, rel=1e-5, abs=1e-6)
     wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
     assert wa.keys() == wb.keys()

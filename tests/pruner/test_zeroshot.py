@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from e3pruner.cli import main
+from e3pruner.models.kv_cache import layer_cache
 from e3pruner.zeroshot import (
     TASKS,
     Encoder,
@@ -124,7 +125,7 @@ def test_shared_context_matches_unshared(family):
     assert len({c for c, _ in lens}) == 5 and lens[7][0] == 1 and lens[0][0] > 16
     assert [c + x > 49 for c, x in lens] == [False, False, True] + [False] * 8 + [True]
     shared = []
-    model.register_forward_hook(lambda m, a, kw, o: shared.append("past_key_values" in kw),
+    model.register_forward_hook(lambda m, a, kw, o: shared.append(layer_cache(kw) is not None),
                                 with_kwargs=True)
     for max_length, bs in ((None, 16), (None, 2), (48, 3), (48, 16)):
         ref = loglikelihoods(model, tok, reqs, batch_size=bs, max_length=max_length,
