@@ -12,6 +12,15 @@ with s_T = T^2 when `t2_scale` (Hinton et al. 2015: keeps the gradient magnitude
 targets independent of T), else 1; n_valid = number of tokens whose label != ignore_index
 (all tokens without labels; at least 1 in the division, so an all-ignored batch gives 0 with
 zero gradients). "sum" drops the division, "none" returns the per-token loss.
+
+Non-finite inputs: a NaN or +-inf anywhere in hs, ht, ws[:V] or wt[:V] (for the top-K loss:
+hs, ws, or a NaN / +inf in topk_logprobs) makes the loss NaN on every backend: the affected
+tokens report NaN kl / teacher_entropy / ce (all tokens when a head is non-finite), and every
+gradient of hs and ws is NaN. Detection is a sync-free row sum, O((N + V) D).
+
+Temperature: fp32 statistics lose the KL to cancellation as T grows (T^2 KL is a difference of
+O(T^2) terms); T is accepted in TEMPERATURE_RANGE, where every backend was verified against
+fp64 (tests/kernels/test_kd_nonfinite.py), and rejected outside it.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ KL_DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("mean", "sum", "none")
 WEIGHTINGS = ("none", "entropy", "normalized_entropy", "confidence")
 DEFAULT_WEIGHT_CLIP = (0.1, 5.0)
+TEMPERATURE_RANGE = (1e-3, 20.0)
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -125,6 +135,11 @@ def _check_common(temperature, kl, reduction, weighting, weight_clip) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    lo_t, hi_t = TEMPERATURE_RANGE
+    if not lo_t <= temperature <= hi_t:
+        raise ValueError(f"temperature must be in [{lo_t:g}, {hi_t:g}], the range verified against "
+                         f"fp64 (beyond it fp32 statistics lose the T^2-scaled KL to "
+                         f"cancellation); got {temperature!r}")
     if kl not in KL_DIRECTIONS:
         raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {kl!r}")
     if reduction not in REDUCTIONS:
@@ -231,6 +246,47 @@ def _resolve_kd_backend(device: torch.device, backend: str, dtypes) -> str:
 
 
 # ======================================================================================
+# Non-finite inputs
+# ======================================================================================
+
+class _NaNGradIfFlagged(torch.autograd.Function):
+    """Identity on x [...]; the gradient becomes NaN everywhere when `flag` (bool scalar
+    tensor) is set, so a loss that read a non-finite input has the same (NaN) gradient on
+    every backend instead of whatever each kernel makes of the bad values."""
+
+    @staticmethod
+    def forward(ctx, x, flag):
+        ctx.save_for_backward(flag)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (flag,) = ctx.saved_tensors
+        if g.device.type == "cpu":  # no sync to avoid: skip the pass when all is finite
+            return (torch.full_like(g, float("nan")) if bool(flag) else g), None
+        return torch.where(flag, torch.full((), float("nan"), dtype=g.dtype, device=g.device),
+                           g), None
+
+
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[R, D] -> [R] bool: rows holding a NaN or +-inf (a sum is NaN/inf iff some term is,
+    short of overflow of values no model produces)."""
+    return ~torch.isfinite(x.detach().sum(-1, dtype=torch.float32))
+
+
+def _nonfinite_any(*xs: torch.Tensor) -> torch.Tensor:
+    """bool scalar tensor: some element of the given tensors is NaN or +-inf."""
+    total = sum(x.detach().sum(dtype=torch.float32) for x in xs)
+    return ~torch.isfinite(total)
+
+
+def _poison(t: torch.Tensor | None, bad: torch.Tensor) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return torch.where(bad, torch.full((), float("nan"), dtype=t.dtype, device=t.device), t)
+
+
+# ======================================================================================
 # Public ops
 # ======================================================================================
 
@@ -289,8 +345,9 @@ def fused_linear_kd_loss(
     cast to the hidden states' dtype (as autocast would). Invalid input raises ValueError.
     """
     _check_common(temperature, kl, reduction, weighting, weight_clip)
-    if not isinstance(ce_weight, (int, float)) or not math.isfinite(ce_weight):
-        raise ValueError(f"ce_weight must be a finite number, got {ce_weight!r}")
+    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) \
+            or not math.isfinite(ce_weight) or ce_weight < 0:
+        raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight!r}")
     v = _validate(hs, ws, ht, wt, labels, vocab_size, compute_ce, ignore_index)
     lead = hs.shape[:-1]
     hs2, ht2 = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
@@ -300,6 +357,9 @@ def fused_linear_kd_loss(
     wt_ = wt.detach().to(ht2.dtype)
     ht2 = ht2.detach()
     be = _resolve_kd_backend(hs2.device, backend, (hs2.dtype, ht2.dtype))
+    bad = _nonfinite_rows(hs2) | _nonfinite_rows(ht2) | _nonfinite_any(ws[:v], wt_[:v])
+    any_bad = bad.any()
+    hs2, ws = _NaNGradIfFlagged.apply(hs2, any_bad), _NaNGradIfFlagged.apply(ws, any_bad)
     if be == "reference" or hs2.shape[0] == 0:  # (an empty batch needs no kernel)
         ref = fused_linear_kd_ref(hs2, ws, ht2, wt_, lab, temperature=float(temperature), kl=kl,
                                   ignore_index=ignore_index, vocab_size=v, compute_ce=compute_ce)
@@ -311,6 +371,7 @@ def fused_linear_kd_loss(
                             launch=launch or LaunchOptions())
         kl_i, ent, _, _, ce, _ = FusedLinearKDFunction.apply(hs2, ws, ht2, wt_, lab, cfg)
         ce = ce if compute_ce else None
+    kl_i, ent, ce = _poison(kl_i, bad), _poison(ent, bad), _poison(ce, bad)
     valid = (lab != ignore_index) if lab is not None else \
         torch.ones(hs2.shape[0], dtype=torch.bool, device=hs2.device)
     w = kd_token_weights(ent, valid, weighting, vocab_size=v, clip=weight_clip).to(kl_i.dtype)
@@ -419,12 +480,17 @@ def fused_linear_kd_loss_topk(
     ids = topk_ids.reshape(-1, kk).long()
     lp = topk_logprobs.reshape(-1, kk).detach()
     lab = labels.reshape(-1) if labels is not None else None
+    bad = _nonfinite_rows(hs2) | (torch.isnan(lp) | torch.isposinf(lp)).any(-1) \
+        | _nonfinite_any(ws)
+    any_bad = bad.any()
+    hs2, ws = _NaNGradIfFlagged.apply(hs2, any_bad), _NaNGradIfFlagged.apply(ws, any_bad)
     zs = GatheredLogitsFunction.apply(hs2, ws, ids, max_gather_elems or default_max_elems())
     kl_i, ent = topk_kd_per_token(zs, lp, float(temperature), kl == "reverse")
     valid = (lab != ignore_index) if lab is not None else \
         torch.ones(hs2.shape[0], dtype=torch.bool, device=hs2.device)
     zero = torch.zeros((), dtype=kl_i.dtype, device=kl_i.device)
     kl_i, ent = torch.where(valid, kl_i, zero), torch.where(valid, ent, zero)
+    kl_i, ent = _poison(kl_i, bad), _poison(ent, bad)
     w = kd_token_weights(ent, valid, weighting, vocab_size=kk, clip=weight_clip).to(kl_i.dtype)
     t2 = float(temperature) ** 2 if t2_scale else 1.0
     loss, n_valid = _reduce(kl_i, w, None, valid, reduction, t2, 0.0)

@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import shlex
 import sys
 import time
+
+
+def _json(obj) -> str:
+    from e3pruner.train import json_text
+
+    return json_text(obj)
+
+
+def _int_at_least(minimum: int, zero_ok: bool = False):
+    """argparse type: an integer >= minimum (or 0 when zero_ok, meaning 'all'/'off')."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum and not (zero_ok and value == 0):
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum}{' (or 0)' if zero_ok else ''}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +68,7 @@ def cmd_info(args) -> int:
     if getattr(cfg, "layer_types", None):
         info["layer_types"] = sorted(set(cfg.layer_types))
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(_json(info))
     else:
         for k, v in info.items():
             print(f"{k:18s} {v:,}" if isinstance(v, int) and not isinstance(v, bool)
@@ -54,16 +77,25 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval_ppl(args) -> int:
+    from e3pruner.data import check_spec
     from e3pruner.evaluate import perplexity
     from e3pruner.models import load_model
 
+    try:
+        check_spec(args.data)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--data: {err}") from None
     t0 = time.time()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     res = perplexity(model, args.data, args.ctx_len, tokenizer=tok, stride=args.stride,
                      batch_size=args.batch_size, max_tokens=args.max_tokens)
     res.update(model=args.model, data=args.data, seconds=round(time.time() - t0, 1))
+    if args.max_tokens and res["tokens"] < args.max_tokens - 1:
+        print(f"e3pruner eval-ppl: warning: {args.data!r} has only {res['tokens'] + 1:,} tokens; "
+              f"scored {res['tokens']:,}, not the {args.max_tokens:,} of --max-tokens",
+              file=sys.stderr)
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(_json(res))
     else:
         print(f"held-out perplexity of {args.model} on {args.data!r}: {res['ppl']:.3f} "
               f"({res['tokens']:,} tokens, ctx {args.ctx_len}"
@@ -82,7 +114,7 @@ def cmd_eval_zeroshot(args) -> int:
                     progress=not args.json)
     res.update(model=args.model, limit=args.limit or None, seconds=round(time.time() - t0, 1))
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(_json(res))
         return 0
     print(f"zero-shot accuracy of {args.model} (first {args.limit or 'all'} items per task)")
     print(f"{'task':14s} {'acc':>7s} {'acc_norm':>9s} {'n':>6s} {'seconds':>8s}")
@@ -99,7 +131,7 @@ def _tokens(text: str) -> int:
         value = float(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 65536 or 5e8)") from err
-    if value < 0 or value != int(value):
+    if not math.isfinite(value) or value < 0 or value != int(value):
         raise argparse.ArgumentTypeError(f"token counts are non-negative integers, got {text}")
     return int(value)
 
@@ -126,7 +158,7 @@ def _add_prune_parser(sub) -> None:
     d = PruneArgs()
     p = sub.add_parser("prune", help="E3 mask search + entropy-aware KD recovery + export",
                        description="Prune decoder layers with E3-Pruner. With no arguments: the "
-                       "bundled SmolLM2-135M, 25%% of its layers, the bundled data.")
+                       "bundled SmolLM2-135M, 25% of its layers, the bundled data.")
     _add_model_args(p)
     _add_layer_count_args(p)
     p.add_argument("--data", default=d.data, help="training/calibration text: 'bundled', a file, hf:NAME")
@@ -152,7 +184,11 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--ce-weight", type=float, default=d.ce_weight,
                    help="recovery loss = KD + CE_WEIGHT x next-token cross-entropy of the data "
                    "(default 0.3 with --teacher live, 0 with --teacher cache, which has no CE)")
-    p.add_argument("--per-sample", action="store_true", help="one mask per sample in the search")
+    p.add_argument("--estimator", default=d.estimator, choices=["score", "st"],
+                   help="mask-search gradient: score (score function, one mask per sample) "
+                   "or st (straight-through)")
+    p.add_argument("--per-sample", action="store_true",
+                   help="with --estimator st: one mask per sample (else one per batch)")
     p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "none"],
                    help="autocast dtype for search and recovery (perplexity is always fp32)")
     p.add_argument("--eval-tokens", type=_tokens, default=d.eval_tokens)
@@ -162,6 +198,8 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep search_ckpt.pt and recovery_ckpt.pt of a finished run")
     p.add_argument("--parallel", default=d.parallel, choices=["ddp", "fsdp"],
                    help="data parallelism under torchrun (--nproc-per-node N): ddp, or fsdp "
                    "to shard the trained layers and their optimizer state")
@@ -208,13 +246,14 @@ def _add_bench_decode_parser(sub) -> None:
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
                    help="hf: transformers generate here; vllm: vLLM in its own venv "
                    "(build it with tools/make_vllm_env.sh)")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=_int_at_least(1), default=128)
+    p.add_argument("--new-tokens", type=_int_at_least(2), default=128)
     p.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 8, 32), help="e.g. 1,8,32")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=_int_at_least(0), default=1)
+    p.add_argument("--repeats", type=_int_at_least(1), default=3)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32, float16")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
     p.add_argument("--device", default="cpu")
     p.add_argument("--vllm-venv", default=None,
@@ -292,10 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", default="heldout",
                    help="'heldout' (bundled LAMBADA passages), 'bundled', a .txt/.jsonl file, hf:NAME")
-    p.add_argument("--ctx-len", type=int, default=512)
-    p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32768,
+    p.add_argument("--ctx-len", type=_int_at_least(2), default=512)
+    p.add_argument("--stride", type=_int_at_least(1), default=None)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    p.add_argument("--max-tokens", type=_int_at_least(2, zero_ok=True), default=32768,
                    help="score the first N tokens of the split (0 = all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
@@ -305,15 +344,40 @@ def build_parser() -> argparse.ArgumentParser:
                        "ARC-E/C, HellaSwag, PIQA, BoolQ, WinoGrande, OpenBookQA")
     _add_model_args(p)
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all 7)")
-    p.add_argument("--limit", type=int, default=100,
+    p.add_argument("--limit", type=_int_at_least(0), default=100,
                    help="first N items of each task's validation split (0 = all)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_zeroshot)
     return parser
 
 
+def _check_common(args) -> None:
+    """--device, --dtype and --stride of any command, before anything loads."""
+    from e3pruner.models import check_device, parse_dtype
+
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    if getattr(args, "dtype", None) is not None:
+        try:
+            parse_dtype(args.dtype)
+        except ValueError as err:
+            raise ValueError(f"--dtype: {err}") from None
+    stride, ctx = getattr(args, "stride", None), getattr(args, "ctx_len", None)
+    if stride is not None and ctx is not None and stride > ctx:
+        raise ValueError(f"--stride must be <= --ctx-len ({ctx}), got {stride}")
+
+
+def _resume_command(command: str, argv: list[str]) -> str:
+    rest = [a for a in argv[1:] if a not in ("--overwrite", "--resume")]
+    return shlex.join(["e3pruner", command, *rest, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from e3pruner.disk_space import DiskSpaceError
+    from e3pruner.train import NonFiniteError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "max_tokens", None) == 0:
         args.max_tokens = None
@@ -323,7 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         args.search_tokens = args.total_tokens // 5
         args.recovery_tokens = args.total_tokens - args.search_tokens
     try:
+        _check_common(args)
         return args.func(args)
+    except KeyboardInterrupt:
+        if args.command not in ("prune", "compare"):
+            raise
+        print(f"\ne3pruner {args.command}: interrupted; continue with: "
+              f"{_resume_command(args.command, argv)}", file=sys.stderr)
+        return 130
+    except (NonFiniteError, DiskSpaceError) as err:
+        print(f"e3pruner {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as err:
         print(f"e3pruner {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,6 @@ and is not exported (vLLM would see the full model).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,16 +23,27 @@ from pathlib import Path
 import torch
 
 from e3pruner.pipeline import (
+    WEIGHTINGS,
     PruneError,
     RunState,
+    check_choice,
+    check_data_specs,
+    check_int,
+    check_model_options,
     check_out_dir,
+    check_positive,
+    discard_out_dir,
     model_num_layers,
     prepare_data,
+    prepare_out_dir,
     resolve_n_prune,
 )
-from e3pruner.train import atomic_write_text, seed_everything
+from e3pruner.train import atomic_write_text, remove_stale_temp_files, seed_everything, write_json
 
 DEFAULT_METHODS = "e3,clp,self-pruner,shortgpt,angular,ppl,taylor,sleb"
+# CompareArgs that may differ on --resume (zero-shot settings: only those columns run again)
+RESUME_FREE = ("progress", "resume", "overwrite", "out", "methods", "export", "tasks",
+               "zeroshot_limit")
 TASK_LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "hellaswag": "HellaSwag",
                "piqa": "PIQA", "boolq": "BoolQ", "winogrande": "WinoG", "openbookqa": "OBQA"}
 
@@ -79,17 +89,30 @@ def parse_methods(spec: str) -> list[str]:
     known = available_methods()
     bad = [m for m in names if m not in known]
     if bad or not names:
-        raise PruneError(f"unknown method(s) {bad or spec!r}; available: {', '.join(known)}")
+        raise PruneError(f"--methods: unknown method(s) {bad or spec!r}; available: "
+                         f"{', '.join(known)}")
     if len(set(names)) != len(names):
         raise PruneError(f"--methods lists a method twice: {spec!r}")
     return names
 
 
 def validate(args: CompareArgs) -> tuple[list[str], int, int]:
-    from e3pruner.models import parse_dtype
     from e3pruner.zeroshot import resolve_tasks
 
     methods = parse_methods(args.methods)
+    if args.ratio is not None and (isinstance(args.ratio, bool) or not 0 < args.ratio < 1):
+        raise PruneError(f"--ratio must be in (0, 1), got {args.ratio}")
+    check_int(args, "prune_layers", 1, allow_none=True)
+    for name, minimum in (("block_len", 8), ("batch_size", 2 if "e3" in methods else 1),
+                          ("calib_blocks", 1), ("search_tokens", 1), ("recovery_tokens", 0),
+                          ("eval_tokens", 2), ("eval_ctx", 2), ("seed", -2**63)):
+        check_int(args, name, minimum)
+    check_int(args, "zeroshot_limit", 0, allow_none=True)
+    check_int(args, "population", 2)
+    check_int(args, "generations", 1)
+    check_positive(args, "lr")
+    check_choice(args, "weighting", WEIGHTINGS)
+    check_choice(args, "operator", ("llm", "classic"))
     if args.search_tokens < args.batch_size * args.block_len:
         raise PruneError(f"--search-tokens must be >= one step ({args.batch_size * args.block_len})")
     if args.recovery_tokens < 0:
@@ -104,7 +127,8 @@ def validate(args: CompareArgs) -> tuple[list[str], int, int]:
         resolve_tasks(args.tasks)
     except ValueError as err:
         raise PruneError(str(err)) from err
-    parse_dtype(args.dtype)
+    check_model_options(args)
+    check_data_specs(args)
     check_out_dir(args.out, args.resume, args.overwrite)
     n_layers = model_num_layers(args.model)
     return methods, n_layers, resolve_n_prune(n_layers, args.prune_layers, args.ratio)
@@ -130,6 +154,24 @@ def method_config(name: str, args: CompareArgs):
 
 
 def run_compare(args: CompareArgs, log=print) -> dict:
+    """Run (or with --resume continue) the comparison into args.out; returns the report."""
+    methods, n_layers, n_prune = validate(args)
+    run = Path(args.out)
+    fresh, created = prepare_out_dir(run, args.resume)
+    state = None
+    try:
+        remove_stale_temp_files(run)
+        state = RunState(run, fresh=not args.resume)
+        state.check_resume(args, free=RESUME_FREE)
+        return _run_compare(args, state, methods, n_layers, n_prune, log)
+    except BaseException:
+        if fresh and (state is None or not state.has_results()):
+            discard_out_dir(run, created)
+        raise
+
+
+def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layers: int,
+                 n_prune: int, log) -> dict:
     from e3pruner.distill import RecoveryConfig, make_student, recover
     from e3pruner.evaluate import perplexity
     from e3pruner.export import export_pruned
@@ -140,22 +182,15 @@ def run_compare(args: CompareArgs, log=print) -> dict:
     from e3pruner.zeroshot import resolve_tasks, zero_shot
 
     t0 = time.time()
-    methods, n_layers, n_prune = validate(args)
     run = Path(args.out)
-    if args.overwrite and not args.resume:
-        (run / "state.json").unlink(missing_ok=True)
-    state = RunState(run, fresh=not args.resume)
-    state.check_resume(args, ("model", "data", "block_len", "batch_size", "seed",
-                              "search_tokens", "recovery_tokens", "calib_blocks", "prune_layers",
-                              "ratio", "eval_tokens", "eval_ctx"))
-    state.set("args", asdict(args))
+    state.set("finished", False)
     seed_everything(args.seed)
     tasks = resolve_tasks(args.tasks)
     do_zeroshot = args.zeroshot_limit != 0
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     log(f"compare {', '.join(methods)} on {args.model}: removing {n_prune} of {n_layers} layers")
-    data, heldout = prepare_data(args, tok)
+    data, heldout = prepare_data(args, tok, log)
 
     def ppl(m) -> float:
         return perplexity(m, heldout, args.eval_ctx, batch_size=4, progress=args.progress)["ppl"]
@@ -257,9 +292,10 @@ def run_compare(args: CompareArgs, log=print) -> dict:
          if report["methods"][m]["removed_layers"] is not None},
         n_layers, run / "removed_layers.png",
         title=f"{args.model}: {n_prune} of {n_layers} layers removed"))
-    atomic_write_text(run / "compare.json", json.dumps(report, indent=2))
+    write_json(run / "compare.json", report)
     table = format_markdown(report)
     atomic_write_text(run / "compare.md", table)
+    state.set("finished", True)
     log(table)
     return report
 

@@ -101,18 +101,57 @@ def bundled_heldout_texts() -> list[str]:
                  for r in _requests("lambada/bpb_0shot"))
 
 
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file (and line)."""
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
 def _read_file_texts(path: Path, field: str = "text") -> list[str]:
-    if path.suffix in (".jsonl", ".gz") or path.name.endswith(".jsonl.gz"):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        missing = [i for i, r in enumerate(rows) if field not in r]
-        if missing:
-            raise ValueError(f"{path}: {len(missing)} rows lack the field {field!r} "
-                             f"(first at line {missing[0] + 1}); pass field=")
-        return dedup(str(r[field]) for r in rows)
-    text = path.read_text(encoding="utf-8")
-    return dedup(text.split("\n\n"))
+    jsonl = path.suffix in (".jsonl", ".gz") or path.name.endswith(".jsonl.gz")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot read it ({err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); "
+                        "convert the file to UTF-8") from None
+    if not jsonl:
+        docs = dedup(text.split("\n\n"))
+    else:
+        texts = []
+        for i, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {i}: not valid JSON ({err.msg}, column "
+                                f"{err.colno}); each line must be one JSON object") from None
+            if not isinstance(row, dict) or field not in row:
+                what = "has no field" if isinstance(row, dict) else "is not a JSON object with"
+                raise DataError(f"{path}, line {i}: the row {what} {field!r} (each line needs a "
+                                f"string field {field!r})")
+            value = row[field]
+            if not isinstance(value, str):
+                raise DataError(f"{path}, line {i}: field {field!r} is "
+                                f"{_JSON_TYPES.get(type(value), type(value).__name__)}, not a "
+                                "string")
+            texts.append(value)
+        docs = dedup(texts)
+    if not docs:
+        raise DataError(f"{path} holds no text (it is empty or blank): give a file with "
+                        "documents")
+    return docs
 
 
 def _hf_texts(spec: str, field: str = "text") -> list[str]:
@@ -128,7 +167,13 @@ def _hf_texts(spec: str, field: str = "text") -> list[str]:
     ds = datasets.load_dataset(name, config or None, split=split)
     if field not in ds.column_names:
         raise ValueError(f"{spec}: no column {field!r}; columns are {ds.column_names}")
-    return dedup(ds[field])
+    values = ds[field]
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(f"{spec}: row {bad} of column {field!r} is "
+                        f"{_JSON_TYPES.get(type(values[bad]), type(values[bad]).__name__)}, "
+                        "not a string")
+    return dedup(values)
 
 
 def load_texts(spec: str, *, field: str = "text", seed: int = 0) -> list[str]:
@@ -139,11 +184,20 @@ def load_texts(spec: str, *, field: str = "text", seed: int = 0) -> list[str]:
         return bundled_heldout_texts()
     if spec.startswith("hf:"):
         return _hf_texts(spec, field)
+    check_spec(spec)
+    return _read_file_texts(Path(spec), field)
+
+
+def check_spec(spec: str) -> None:
+    """FileNotFoundError unless `spec` is a named corpus, hf:NAME or an existing file."""
+    if spec in ("bundled", "train", "heldout", "lambada") or spec.startswith("hf:"):
+        return
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"data spec {spec!r} is not 'bundled', 'heldout', 'hf:NAME' "
                                 "or an existing .txt/.jsonl file")
-    return _read_file_texts(path, field)
+    if not path.is_file():
+        raise DataError(f"data spec {spec!r} is a directory, not a .txt/.jsonl file")
 
 
 def tokenize_stream(texts: Sequence[str], tokenizer, *, add_eos: bool = True,
@@ -187,7 +241,10 @@ def token_stream(spec: str, tokenizer, *, seed: int = 0, field: str = "text",
     cache = Path(cache_dir) if cache_dir else Path(os.path.expanduser("~/.cache/e3pruner/tokens"))
     path = cache / f"{_cache_key(spec, tokenizer, seed, field)}.pt"
     if path.is_file():
-        return torch.load(path)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache entry: tokenize again
+            path.unlink(missing_ok=True)
     stream = tokenize_stream(load_texts(spec, field=field, seed=seed), tokenizer)
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")

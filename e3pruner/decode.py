@@ -287,11 +287,28 @@ def default_out_path(engine: str, slug: str) -> Path:
     return results / f"decode_{engine}_{slug}.json"
 
 
+def check_out_path(path: str | Path) -> Path:
+    """The JSON file `path` can be written (checked before any benchmark runs)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory: give the path of the JSON file to "
+                         f"write, e.g. {path / 'decode.json'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: cannot write there ({parent} is not a writable "
+                         "directory)")
+    return path
+
+
 def write_json(payload: dict, path: str | Path) -> Path:
+    from e3pruner.train import json_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.write_text(json_text(payload, default=str) + "\n")
     tmp.replace(path)
     return path
 
@@ -381,6 +398,8 @@ def run_decode_bench(pruned: str, against: str, *, engine: str = "hf",
     cfg.check()
     if engine not in ("hf", "vllm"):
         raise ValueError(f"--engine must be hf or vllm, got {engine!r}")
+    if out:
+        check_out_path(out)
     dtype = parse_dtype(cfg.dtype)
     if dtype is None:
         raise ValueError("--dtype must be explicit (bfloat16, float32, float16), not 'auto'")
@@ -398,6 +417,7 @@ def run_decode_bench(pruned: str, against: str, *, engine: str = "hf",
                  f"original {wbytes['original']['num_layers']}")
     kv = kv_bytes_per_position(metas["original"].config, torch.empty(0, dtype=dtype).element_size())
     facts = device_facts(device)
+    path = check_out_path(out if out else default_out_path(engine, facts.get("slug", "cpu")))
     payload = {
         "benchmark": "decode speed, pruned vs original",
         "engine": engine, "device_info": facts, "versions": versions(),
@@ -429,7 +449,6 @@ def run_decode_bench(pruned: str, against: str, *, engine: str = "hf",
     payload["wall_s"] = time.perf_counter() - t0
     if hasattr(os, "getloadavg"):
         payload["loadavg_1m_5m_15m_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = Path(out) if out else default_out_path(engine, facts.get("slug", "cpu"))
     payload["table"] = format_table(rows)
     write_json(payload, path)
     progress(payload["table"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -42,15 +43,18 @@ from e3pruner.models.families import decoder_layers, embed_tokens, lm_head
 from e3pruner.train import (
     Checkpointer,
     MetricsLog,
-    atomic_write_text,
     autocast,
+    check_finite,
     cosine_lr,
     head_input,
     rng_state,
     set_rng_state,
+    write_json,
 )
 
 SCOPES = ("full", "endpoints", "lora")
+WEIGHTINGS = ("none", "entropy", "normalized_entropy", "confidence")  # e3kernels' KD weightings
+_HINT = "Try a lower --lr, --dtype float32 or --amp none."
 
 
 @dataclass
@@ -74,6 +78,9 @@ class RecoveryConfig:
     lora_rank: int = 16
     amp: str | None = None  # "bf16": autocast forward/backward (fp32 master weights)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
@@ -81,8 +88,10 @@ class RecoveryConfig:
             raise ValueError(f"teacher must be 'live' or 'cache', got {self.teacher!r}")
         if self.tokens < 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("tokens >= 0, batch_size >= 1 and grad_accum >= 1 are required")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.weighting not in WEIGHTINGS and not callable(self.weighting):
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not (self.ce_weight >= 0 and self.ce_weight < float("inf")):
             raise ValueError(f"ce_weight must be a finite number >= 0, got {self.ce_weight}")
         if self.ce_weight > 0 and self.teacher == "cache":
@@ -184,9 +193,9 @@ def build_teacher_cache(teacher, blocks: torch.Tensor, out_dir: str | Path, k: i
         save_file({"ids": torch.cat(ids_all), "logprobs": torch.cat(lp_all)}, str(tmp))
         tmp.replace(out / name)
     bar.close()
-    atomic_write_text(out / "index.json", json.dumps(
-        {"blocks": n, "block_len": int(blocks.shape[1]), "k": k, "shard_blocks": shard_blocks,
-         "shards": shards}))
+    write_json(out / "index.json",
+               {"blocks": n, "block_len": int(blocks.shape[1]), "k": k,
+                "shard_blocks": shard_blocks, "shards": shards}, indent=None)
     return out
 
 
@@ -364,7 +373,7 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
     wt = lm_head(teacher).weight
     bar = tqdm(total=steps, initial=start, desc="recovery (KD)", unit="step",
                disable=not (progress and dist.is_main))
-    loss_val = float("nan")
+    loss_val = float("nan") if state is None else state.get("loss", float("nan"))
     t_start = time.time()
     for step in range(start, steps):
         lr = cosine_lr(step, steps, cfg.lr, warmup, cfg.min_lr)
@@ -411,6 +420,8 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
         opt.step()
         sums = dist.all_reduce_sum_(sums)
         total = sums[0].item() / dist.world_size
+        check_finite(total, "recovery (KD loss)", step, _HINT)
+        check_finite(float(gnorm), "recovery (gradient norm)", step, _HINT)
         loss_val = total
         done = (step + 1) * tokens_per_step
         elapsed = max(1e-9, time.time() - t_start)
@@ -424,7 +435,8 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
         bar.update(1)
         if ckpt.due(step + 1, last=step + 1 == steps):
             ckpt.save({"step": step + 1, "optimizer": _optimizer_state(student, opt, dist),
-                       "rng": rng_state(), "params": _full_params(student, names, params)})
+                       "rng": rng_state(), "params": _full_params(student, names, params),
+                       "loss": loss_val})
     bar.close()
     if dist.enabled and dist.strategy == "fsdp":
         full = _full_params(student, names, params)

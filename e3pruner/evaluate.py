@@ -50,6 +50,8 @@ def perplexity(model, split, ctx_len: int = 512, *, tokenizer=None, stride: int 
         raise ValueError(f"ctx_len must be >= 2, got {ctx_len}")
     if stride is not None and not 1 <= stride <= ctx_len:
         raise ValueError(f"stride must be in [1, ctx_len={ctx_len}], got {stride}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2 (or None: all), got {max_tokens}")
     if isinstance(split, str):
         if tokenizer is None:
             raise ValueError("a data spec needs tokenizer=")

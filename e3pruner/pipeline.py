@@ -1,9 +1,15 @@
 """`e3pruner prune`: search -> baseline check -> recovery -> export -> report, resumable.
 
 Every phase stores its result in RUN/state.json (atomically) as soon as it finishes; the
-long phases (mask search, recovery) also checkpoint every N steps. `--resume` skips the
-finished phases and continues the interrupted one from its last checkpoint, so an
-interrupted run ends with the same mask, metrics and weights as an uninterrupted one.
+long phases (mask search, recovery) also checkpoint every N steps (tensors and plain data
+only: checkpoints load with torch.load(weights_only=True)). `--resume` skips the finished
+phases and continues the interrupted one from its last checkpoint, so an interrupted run
+ends with the same mask, metrics and weights as an uninterrupted one; it refuses settings
+that differ from the run's stored ones (all but RESUME_FREE). `--overwrite` deletes all of
+a previous run first (only in a directory with our state.json). state.json says whether the
+run "finished"; report.json is written at the very end, after which the checkpoints go
+(unless --keep-checkpoints). A non-finite loss, perplexity or weight stops the run before
+anything is exported. Every JSON file is strict JSON (train.json_text).
 Under torchrun every rank runs this function; rank 0 alone evaluates, writes and prints
 (its results are broadcast), the search and recovery split each batch across ranks.
 """
@@ -11,6 +17,10 @@ Under torchrun every rank runs this function; rank 0 alone evaluates, writes and
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +28,13 @@ from pathlib import Path
 import torch
 
 from e3pruner.distributed import SINGLE, DistContext
-from e3pruner.train import atomic_write_text, seed_everything
+from e3pruner.train import (
+    RunFileError,
+    json_text,
+    remove_stale_temp_files,
+    seed_everything,
+    write_json,
+)
 
 
 @dataclass
@@ -42,7 +58,8 @@ class PruneArgs:
     weighting: str = "entropy"
     ce_weight: float | None = None  # recovery: + ce_weight * next-token CE of the data
     # (None: 0.3 with the live teacher, 0 with the top-K cache, whose loss has no CE term)
-    per_sample: bool = False
+    per_sample: bool = False  # one mask per sample with estimator "st" ("score" always does)
+    estimator: str = "score"  # mask-search gradient: "score" (score function) or "st"
     amp: str = "bf16"  # autocast for the search and recovery forward/backward ("none": off)
     eval_tokens: int = 8_192
     eval_ctx: int = 512
@@ -53,6 +70,7 @@ class PruneArgs:
     resume: bool = False
     overwrite: bool = False
     checkpoint_every: int = 25
+    keep_checkpoints: bool = False  # else a finished run deletes search/recovery_ckpt.pt
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" for recovery
     baseline: bool = True
     progress: bool = True
@@ -82,41 +100,125 @@ def resolve_n_prune(n_layers: int, prune_layers: int | None, ratio: float | None
     return prune_layers
 
 
-def validate(args: PruneArgs) -> tuple[int, int]:
-    """Check everything that can be checked before loading weights; returns (L, n)."""
-    from e3pruner.models import parse_dtype
+WEIGHTINGS = ("none", "entropy", "normalized_entropy", "confidence")  # e3kernels' KD weightings
+ESTIMATORS = ("score", "st")
+# PruneArgs that do not change the result: they may differ on --resume
+RESUME_FREE = ("progress", "resume", "overwrite", "keep_checkpoints", "checkpoint_every", "out")
 
-    if args.ratio is not None and not 0 < args.ratio < 1:
+
+def flag(name: str) -> str:
+    """The command-line flag of a PruneArgs/CompareArgs field."""
+    return {"baseline": "--no-baseline", "progress": "--no-progress"}.get(
+        name, "--" + name.replace("_", "-"))
+
+
+def check_int(args, name: str, minimum: int, *, allow_none: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise PruneError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_positive(args, name: str) -> None:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and value > 0):
+        raise PruneError(f"{flag(name)} must be a finite number > 0, got {value!r}")
+
+
+def check_choice(args, name: str, choices) -> None:
+    value = getattr(args, name)
+    if value not in choices:
+        raise PruneError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_model_options(args) -> None:
+    """--dtype and --device: parseable, and the device present on this machine."""
+    from e3pruner.models import check_device, parse_dtype
+
+    try:
+        parse_dtype(args.dtype)
+    except ValueError as err:
+        raise PruneError(f"--dtype: {err}") from None
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        raise PruneError(str(err)) from None
+
+
+def validate(args: PruneArgs, dist: DistContext = SINGLE) -> tuple[int, int]:
+    """Check everything that can be checked before loading weights; returns (L, n).
+    Creates nothing: --out is checked here and made by `prepare_out_dir`."""
+    if args.ratio is not None and (isinstance(args.ratio, bool) or not 0 < args.ratio < 1):
         raise PruneError(f"--ratio must be in (0, 1), got {args.ratio}")
+    check_int(args, "prune_layers", 1, allow_none=True)
+    for name, minimum in (("block_len", 8), ("batch_size", 1), ("calib_blocks", 1),
+                          ("search_tokens", 1), ("recovery_tokens", 0), ("grad_accum", 1),
+                          ("eval_tokens", 2), ("eval_ctx", 2), ("checkpoint_every", 1),
+                          ("seed", -2**63)):
+        check_int(args, name, minimum)
+    check_int(args, "recovery_batch_size", 1, allow_none=True)
+    check_positive(args, "lr")
+    check_positive(args, "search_lr")
+    check_choice(args, "amp", ("bf16", "fp16", "none"))
+    check_choice(args, "scope", ("full", "endpoints", "lora"))
+    check_choice(args, "teacher", ("live", "cache"))
+    check_choice(args, "weighting", WEIGHTINGS)
+    check_choice(args, "estimator", ESTIMATORS)
+    check_choice(args, "parallel", ("ddp", "fsdp"))
+    if args.estimator == "score" and args.batch_size < 2:
+        raise PruneError(f"--batch-size must be >= 2 for the mask search (its score-function "
+                         f"estimator compares the samples of a batch), got {args.batch_size}")
+    if args.per_sample and args.estimator == "score":
+        raise PruneError("--per-sample only changes the straight-through estimator "
+                         "(--estimator st): the default score-function search already draws "
+                         "one mask per sample; drop --per-sample or add --estimator st")
     step_tokens = args.batch_size * args.block_len
     if args.search_tokens < step_tokens:
         raise PruneError(f"--search-tokens must be >= one step ({args.batch_size} x "
                          f"{args.block_len} = {step_tokens} tokens), got {args.search_tokens}")
-    if args.block_len < 8 or args.batch_size < 1 or args.calib_blocks < 1:
-        raise PruneError("--block-len >= 8, --batch-size >= 1, --calib-blocks >= 1 required")
-    if args.recovery_batch_size is not None and args.recovery_batch_size < 1:
-        raise PruneError(f"--recovery-batch-size must be >= 1, got {args.recovery_batch_size}")
     rec_step = recovery_batch(args) * args.block_len * args.grad_accum
     if args.recovery_tokens != 0 and args.recovery_tokens < rec_step:
         raise PruneError(f"--recovery-tokens must be 0 (no recovery) or >= one step "
                          f"({rec_step} tokens), got {args.recovery_tokens}")
-    if args.eval_tokens < 2 or args.eval_ctx < 2:
-        raise PruneError("--eval-tokens and --eval-ctx must be >= 2")
-    parse_dtype(args.dtype)
-    if args.amp not in ("bf16", "fp16", "none"):
-        raise PruneError(f"--amp must be bf16, fp16 or none, got {args.amp!r}")
-    if args.scope not in ("full", "endpoints", "lora"):
-        raise PruneError(f"--scope must be full, endpoints or lora, got {args.scope!r}")
-    if args.teacher not in ("live", "cache"):
-        raise PruneError(f"--teacher must be live or cache, got {args.teacher!r}")
-    if args.ce_weight is not None and not 0 <= args.ce_weight < float("inf"):
+    if args.ce_weight is not None and (isinstance(args.ce_weight, bool)
+                                       or not 0 <= args.ce_weight < float("inf")):
         raise PruneError(f"--ce-weight must be a finite number >= 0, got {args.ce_weight}")
     if recovery_ce_weight(args) > 0 and args.teacher == "cache":
         raise PruneError("--ce-weight > 0 needs --teacher live (the top-K cache loss has no "
                          "cross-entropy term); pass --ce-weight 0 with --teacher cache")
+    try:
+        dist.check_divides(args.batch_size, "--batch-size")
+        if args.recovery_tokens:
+            dist.check_divides(recovery_batch(args), "--recovery-batch-size")
+    except ValueError as err:
+        raise PruneError(str(err)) from None
+    check_model_options(args)
+    check_data_specs(args)
     check_out_dir(args.out, args.resume, args.overwrite)
     n_layers = model_num_layers(args.model)
     return n_layers, resolve_n_prune(n_layers, args.prune_layers, args.ratio)
+
+
+def check_data_specs(args) -> None:
+    from e3pruner.data import check_spec
+
+    for name in ("data", "heldout"):
+        try:
+            check_spec(getattr(args, name))
+        except (OSError, ValueError) as err:
+            raise PruneError(f"{flag(name)}: {err}") from None
+
+
+def _tokens_of(args, name: str, tok, **kw) -> torch.Tensor:
+    """token_stream of --data/--heldout; a file's errors name the flag, file and line."""
+    from e3pruner.data import DataError, token_stream
+
+    try:
+        return token_stream(getattr(args, name), tok, **kw)
+    except (DataError, FileNotFoundError) as err:
+        raise PruneError(f"{flag(name)}: {err}") from None
 
 
 def recovery_ce_weight(args: PruneArgs) -> float:
@@ -131,22 +233,90 @@ def recovery_batch(args) -> int:
     return args.batch_size if rb is None else rb
 
 
+STATE_FILE = "state.json"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A directory of one of our runs: it has our state.json (a JSON object with the run's
+    "args"), or a state.json too damaged to read (which we tell people to --overwrite)."""
+    state = Path(path) / STATE_FILE
+    if not state.is_file():
+        return False
+    try:
+        data = json.loads(state.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return True
+    return isinstance(data, dict) and isinstance(data.get("args"), dict)
+
+
 def check_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
-    """`out` is (or can be made) a writable directory that holds no run unless resuming."""
+    """`out` can hold this run: new, empty, one of our runs with --resume/--overwrite, and
+    writable (or creatable). Creates nothing."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PruneError(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise PruneError(f"--out {out} already holds a run: pass --resume to continue it or "
-                         "--overwrite to start over")
+    if _holds_files(out):
+        ours = is_run_dir(out)
+        if not ours:
+            raise PruneError(f"--out {out} is not empty and holds no e3pruner run (no "
+                             f"{STATE_FILE}): choose a new or empty directory (--overwrite "
+                             "only clears run directories)")
+        if not (resume or overwrite):
+            raise PruneError(f"--out {out} already holds a run: pass --resume to continue it "
+                             "or --overwrite to start over")
+    target = out
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
+        raise PruneError(f"--out {out} is not writable (nor creatable in {target})")
+    return out
+
+
+def _holds_files(out: Path) -> bool:
+    """`out` is a directory with something in it (a left-over write probe aside)."""
+    return out.is_dir() and any(p.name != ".write-probe" for p in out.iterdir())
+
+
+def prepare_out_dir(out: str | Path, resume: bool) -> tuple[bool, Path | None]:
+    """Make --out (after `check_out_dir`). A run dir without --resume is an --overwrite:
+    all of the previous run in it is deleted first. Returns (fresh: this invocation starts
+    a new run, created: the topmost directory it created or None) for `discard_out_dir`."""
+    out = Path(out)
+    holds_run = _holds_files(out)
+    created = None
+    if holds_run and not resume:  # --overwrite of one of our runs (check_out_dir made sure)
+        clear_dir(out)
+    elif not out.exists():
+        created = out
+        while not created.parent.exists() and created.parent != created:
+            created = created.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-probe"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise PruneError(f"--out {out} is not writable: {err}") from err
-    return out
+    return not (holds_run and resume), created
+
+
+def clear_dir(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def discard_out_dir(out: str | Path, created: Path | None) -> None:
+    """Undo `prepare_out_dir` of a new run that failed before its first result, so that
+    neither an empty --out nor a state.json that blocks the rerun stays behind."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+    elif Path(out).is_dir():
+        clear_dir(Path(out))
 
 
 def model_num_layers(model: str) -> int:
@@ -164,10 +334,24 @@ def model_num_layers(model: str) -> int:
 
 
 class RunState:
+    """RUN/state.json: the run's arguments and each finished phase's result."""
+
     def __init__(self, run_dir: Path, fresh: bool, write: bool = True):
-        self.path = run_dir / "state.json"
+        self.path = Path(run_dir) / STATE_FILE
         self.write = write
-        self.data = {} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
+        self.data = {} if fresh or not self.path.is_file() else self._read()
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise RunFileError(f"cannot read {self.path} ({err}): the run's state is lost. "
+                               f"Delete {self.path.parent} or rerun with --overwrite to "
+                               "start over") from None
+        if not isinstance(data, dict):
+            raise RunFileError(f"{self.path} is not a run state of ours: delete it or rerun "
+                               "with --overwrite to start over")
+        return data
 
     def get(self, key):
         return self.data.get(key)
@@ -175,36 +359,96 @@ class RunState:
     def set(self, key, value) -> None:
         self.data[key] = value
         if self.write:
-            atomic_write_text(self.path, json.dumps(self.data, indent=2))
+            write_json(self.path, self.data)
 
-    def check_resume(self, args, keys: tuple[str, ...]) -> None:
-        """On --resume, refuse settings (`keys` of args) that differ from the stored run's."""
+    def has_results(self) -> bool:
+        return any(k not in ("args", "finished", "processes") for k in self.data)
+
+    def check_resume(self, args, keys: tuple[str, ...] | None = None,
+                     free: tuple[str, ...] = RESUME_FREE) -> None:
+        """On --resume, refuse settings that differ from the stored run's: the fields `keys`
+        of args, or (None) every field but the `free` ones. Stores args on the first run
+        only (a resume never overwrites them)."""
         old = self.data.get("args")
         if not args.resume or not old:
+            if old is None:
+                self.set("args", asdict(args))
             return
-        diff = {k: (old.get(k), getattr(args, k)) for k in keys if old.get(k) != getattr(args, k)}
+        defaults = type(args)()
+        names = keys if keys is not None else [k for k in asdict(args) if k not in free]
+        diff = [k for k in names
+                if _plain(old.get(k, getattr(defaults, k, None))) != _plain(getattr(args, k))]
         if diff:
-            raise PruneError(f"--resume with different settings than the run in "
-                             f"{self.path.parent}: {diff}")
+            detail = ", ".join(f"{flag(k)} (run: {old.get(k, getattr(defaults, k, None))!r}, "
+                               f"now: {getattr(args, k)!r})" for k in diff)
+            raise PruneError(
+                f"--resume with different settings than the run in {self.path.parent}: "
+                f"{detail}. Resume with the run's settings, or start over with --overwrite "
+                "(or another --out)")
 
 
-def prepare_data(args, tok):
-    """(PruneData, held-out token ids [eval_tokens]) from args.data / args.heldout: the
+def _plain(value):
+    """A value as it reads back from state.json (tuples become lists, paths strings)."""
+    return json.loads(json_text(value if not isinstance(value, Path) else str(value)))
+
+
+def prepare_data(args, tok, log=print):
+    """(PruneData, held-out token ids [<= eval_tokens]) from args.data / args.heldout: the
     first calib_blocks blocks of the seeded block order calibrate, the rest train."""
-    from e3pruner.data import TokenBlocks, token_stream
+    from e3pruner.data import TokenBlocks
     from e3pruner.methods import PruneData
 
-    stream = token_stream(args.data, tok, seed=args.seed)
+    stream = _tokens_of(args, "data", tok, seed=args.seed)
+    if stream.numel() < args.block_len:
+        raise PruneError(f"--data {args.data!r} gives only {stream.numel()} tokens: fewer than "
+                         f"one block of --block-len {args.block_len}; give more text")
     blocks = TokenBlocks(stream, args.block_len, seed=args.seed)
     if len(blocks) < args.calib_blocks + max(args.batch_size, recovery_batch(args)):
         raise PruneError(f"data {args.data!r} gives only {len(blocks)} blocks of "
                          f"{args.block_len} tokens; need more text")
     data = PruneData(calib=blocks.take(args.calib_blocks, 0), blocks=blocks,
                      train_start=args.calib_blocks)
-    return data, token_stream(args.heldout, tok)[: args.eval_tokens]
+    heldout = _tokens_of(args, "heldout", tok)[: args.eval_tokens]
+    need = min(args.eval_tokens, 2 * args.eval_ctx)
+    if heldout.numel() < need:
+        raise PruneError(f"--heldout {args.heldout!r} gives only {heldout.numel()} tokens: a "
+                         f"perplexity needs at least {need} (two windows of --eval-ctx "
+                         f"{args.eval_ctx}, or --eval-tokens); give more held-out text")
+    if heldout.numel() < args.eval_tokens:
+        log(f"warning: --heldout {args.heldout!r} has only {heldout.numel():,} tokens: the "
+            f"perplexities score those, not the {args.eval_tokens:,} of --eval-tokens")
+    return data, heldout
 
 
 def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
+    """Run (or with --resume continue) a prune into args.out; returns the report."""
+    run = Path(args.out)
+    outcome: tuple = (None, None, None, None, None)
+    if dist.is_main:  # rank 0 validates and makes --out; the others wait for its verdict
+        try:
+            n_layers, n_prune = validate(args, dist)
+            outcome = (n_layers, n_prune, *prepare_out_dir(run, args.resume), None)
+        except PruneError as err:
+            outcome = (None, None, None, None, str(err))
+    n_layers, n_prune, fresh, created, error = dist.broadcast(outcome)
+    if error:
+        raise PruneError(error)
+    if not dist.is_main:
+        log = lambda *_a, **_k: None  # noqa: E731
+    state = None
+    try:
+        if dist.is_main:
+            remove_stale_temp_files(run)
+        state = RunState(run, fresh=not args.resume, write=dist.is_main)
+        return _run_prune(args, state, n_layers, n_prune, log, dist)
+    except BaseException:
+        if dist.is_main and fresh and (state is None or not state.has_results()):
+            discard_out_dir(run, created)
+        raise
+
+
+def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, log,
+               dist: DistContext) -> dict:
     from e3pruner.distill import RecoveryConfig, make_student, recover
     from e3pruner.evaluate import perplexity
     from e3pruner.export import export_pruned
@@ -213,46 +457,46 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
     from e3pruner.methods.e3 import E3Config
     from e3pruner.models import load_model
     from e3pruner.plots import plot_layer_importance, plot_loss, plot_mask_probabilities
-    from e3pruner.train import MetricsLog
+    from e3pruner.train import Checkpointer, MetricsLog, check_finite, check_finite_params
 
     t0 = time.time()
-    if not dist.is_main:
-        log = lambda *_a, **_k: None  # noqa: E731
     run = Path(args.out)
-    checked: tuple = (None, None, None)
-    if dist.is_main:  # rank 0 validates and clears --out; the others wait for its verdict
-        try:
-            checked = (*validate(args), None)
-            if args.overwrite and not args.resume:
-                for name in ("state.json", "metrics.jsonl", "search_ckpt.pt", "recovery_ckpt.pt"):
-                    (run / name).unlink(missing_ok=True)
-        except PruneError as err:
-            checked = (None, None, str(err))
-    n_layers, n_prune, error = dist.broadcast(checked)
-    if error:
-        raise PruneError(error)
-    dist.check_divides(args.batch_size, "--batch-size")
-    if args.recovery_tokens:
-        dist.check_divides(recovery_batch(args), "--recovery-batch-size")
-    state = RunState(run, fresh=not args.resume, write=dist.is_main)
-    state.check_resume(args, ("model", "data", "block_len", "batch_size", "recovery_batch_size",
-                              "seed", "search_tokens", "recovery_tokens", "calib_blocks",
-                              "grad_accum"))
-    state.set("args", asdict(args))
+    state.check_resume(args)
+    if state.get("processes") not in (None, dist.world_size):
+        raise PruneError(f"--resume under {dist.world_size} process(es), but the run in {run} "
+                         f"ran under {state.get('processes')}: resume it with as many")
+    ckpts = [Checkpointer(run / name, write=dist.is_main)
+             for name in ("search_ckpt.pt", "recovery_ckpt.pt")]
+    if state.get("finished") and (run / "report.json").is_file():
+        report = json.loads((run / "report.json").read_text())
+        if not args.keep_checkpoints:
+            for ckpt in ckpts:
+                ckpt.remove()
+        log(f"the run in {run} has finished already (report: {run / 'report.json'}); "
+            "pass --overwrite to run it again")
+        return report if dist.is_main else {}
+    state.set("processes", dist.world_size)
+    state.set("finished", False)
+    if dist.is_main:
+        (run / "report.json").unlink(missing_ok=True)  # written again at the very end
     seed_everything(args.seed)
+    hint = (f"Try --dtype float32{' and --amp none' if args.amp != 'none' else ''}"
+            f" (now --dtype {args.dtype}, --amp {args.amp} on {args.device})")
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     log(f"model {args.model}: {n_layers} layers, pruning {n_prune} "
         f"({100 * n_prune / n_layers:.0f}%)")
-    data, heldout = prepare_data(args, tok)
+    data, heldout = prepare_data(args, tok, log)
 
-    def ppl(m) -> float:
+    def ppl(m, what: str) -> float:
         value = (perplexity(m, heldout, args.eval_ctx, batch_size=4,
                             progress=args.progress)["ppl"] if dist.is_main else None)
-        return dist.broadcast(value)
+        value = dist.broadcast(value)
+        check_finite(value, f"held-out perplexity of the {what}", hint=hint + ".")
+        return value
 
     if state.get("teacher_ppl") is None:
-        state.set("teacher_ppl", ppl(model))
+        state.set("teacher_ppl", ppl(model, "unpruned model"))
     log(f"teacher held-out perplexity: {state.get('teacher_ppl'):.3f}")
 
     budget = Budget(search_tokens=args.search_tokens, batch_size=args.batch_size,
@@ -261,7 +505,7 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
     t_search = time.time()
     if state.get("search") is None:
         cfg = E3Config(lr=args.search_lr, per_sample=args.per_sample, weighting=args.weighting,
-                       amp=args.amp)
+                       amp=args.amp, estimator=args.estimator)
         sel = get_method("e3")(model, data, n_prune, budget, config=cfg)
         state.set("search", {**asdict(sel), "seconds": time.time() - t_search})
     sel = Selection(**{k: v for k, v in state.get("search").items() if k != "seconds"})
@@ -269,14 +513,14 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
 
     if state.get("ppl_before") is None:
         with torch.no_grad(), gated(model, sel.mask(args.device)):
-            state.set("ppl_before", ppl(model))
+            state.set("ppl_before", ppl(model, "pruned model before recovery"))
     remove_gates(model)
 
     if args.baseline and state.get("shortgpt") is None:
         t = time.time()
         base = get_method("shortgpt")(model, data, n_prune, budget)  # cheap: every rank
         with torch.no_grad(), gated(model, base.mask(args.device)):
-            base_ppl = ppl(model)
+            base_ppl = ppl(model, "ShortGPT-pruned model")
         remove_gates(model)
         state.set("shortgpt", {**asdict(base), "ppl_before": base_ppl,
                                "seconds": time.time() - t})
@@ -292,9 +536,11 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
                                    checkpoint_every=args.checkpoint_every,
                                    progress=args.progress, dist=dist)
     rec_summary["seconds"] = time.time() - t_rec
+    check_finite_params(student, "recovery", hint=hint + " or a lower --lr.")
     if state.get("ppl_after") is None or state.get("recovery") is None:
         state.set("recovery", rec_summary)
-        state.set("ppl_after", ppl(student) if rec_summary["steps"] else state.get("ppl_before"))
+        state.set("ppl_after", ppl(student, "pruned model after recovery")
+                  if rec_summary["steps"] else state.get("ppl_before"))
 
     if not dist.is_main:
         dist.barrier()  # rank 0 exports and reports
@@ -345,7 +591,11 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
         "recovery": state.get("recovery"), "search": sel.info,
         "export": str(export_dir), "plots": plots, "args": asdict(args),
     }
-    atomic_write_text(run / "report.json", json.dumps(report, indent=2))
+    write_json(run / "report.json", report)
+    state.set("finished", True)
+    if not args.keep_checkpoints:
+        for ckpt in ckpts:
+            ckpt.remove()
     log(format_table(report))
     dist.barrier()
     return report

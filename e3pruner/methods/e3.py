@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +32,7 @@ from e3pruner.train import (
     Checkpointer,
     MetricsLog,
     autocast,
+    check_finite,
     exp_anneal,
     head_input,
     rng_state,
@@ -54,6 +56,16 @@ class E3Config:
     temperature: float = 1.0
     mc_samples: int = 2048  # Monte-Carlo draws to log per-layer keep probabilities
     amp: str | None = None  # "bf16": autocast the frozen model's forward/backward
+
+    def validate(self) -> None:
+        if self.estimator not in ("score", "st"):
+            raise ValueError(f"estimator must be 'score' or 'st', got {self.estimator!r}")
+        if self.per_sample and self.estimator == "score":
+            raise ValueError("per_sample only changes the straight-through estimator "
+                             "(estimator='st'): the score-function estimator always draws one "
+                             "mask per sample")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
 
 def _kd(hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor, amp: str | None = None, **kw):
@@ -216,6 +228,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
 
     budget = budget or Budget()
     cfg = config or E3Config()
+    cfg.validate()
     layers = decoder_layers(model)
     n = len(layers)
     check_n_prune(n_prune, n)
@@ -285,6 +298,9 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
                 out.loss.backward()
                 dist.average_grads_([alpha])
                 loss = dist.all_reduce_sum_(out.loss.detach().reshape(1)).item() / dist.world_size
+            hint = "Try --dtype float32, --amp none or a lower --search-lr."
+            check_finite(loss, "mask search (KD loss)", step, hint)
+            check_finite(float(alpha.grad.norm()), "mask search (gradient)", step, hint)
             if cfg.optimizer == "nsgd":
                 alpha.grad /= alpha.grad.norm().clamp_min(1e-12)
             opt.step()

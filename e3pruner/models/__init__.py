@@ -15,6 +15,7 @@ from e3pruner.models.families import (
 from e3pruner.models.loading import (
     BUNDLED_ALIASES,
     bundled_gguf_path,
+    check_device,
     clear_quantizer_state,
     load_model,
     parse_dtype,
@@ -24,7 +25,8 @@ from e3pruner.models.loading import (
 
 __all__ = [
     "BUNDLED_ALIASES", "SUPPORTED_FAMILIES", "FamilyAdapter", "UnsupportedArchitectureError",
-    "adapter_for_config", "bundled_gguf_path", "clear_quantizer_state", "decoder_layers",
+    "adapter_for_config", "bundled_gguf_path", "check_device", "clear_quantizer_state",
+    "decoder_layers",
     "embed_tokens", "final_norm", "get_adapter", "lm_head", "load_model", "num_layers",
     "parse_dtype", "resolve_model_path", "save_model",
 ]

@@ -36,6 +36,29 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` parsed, and present on this machine; else a ValueError saying what to pass."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name: use cpu, cuda, cuda:N "
+                         "or mps") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        why = (" (this torch is built without CUDA)"
+               if dev.type == "cuda" and torch.version.cuda is None else "")
+        raise ValueError(f"--device {device}: no {dev.type} device is available on this "
+                         f"machine{why}; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ValueError(f"--device {device}: this machine has {count()} {dev.type} "
+                         f"device(s), numbered from 0")
+    return dev
+
+
 def default_cache_dir() -> Path:
     return Path(os.path.expanduser("~/.cache/e3pruner"))
 
