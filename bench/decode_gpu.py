@@ -8,7 +8,7 @@ measure the same speed as the released checkpoints.
 
 Engine: HF `generate` with a static KV cache and `torch.compile` of the decode step
 (transformers' automatic compile, mode "reduce-overhead" = CUDA graphs); timing as in
-`e3pruner/decode.py` (streamer timestamps, decode = token N - token 1). The original and the
+`e3pruner/eval/decode.py` (streamer timestamps, decode = token N - token 1). The original and the
 pruned model are built and measured one after the other (the 32B pair does not fit in
 memory at once). The table compares the speedup with the bytes-of-weights ideal.
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from e3pruner.decode import (  # noqa: E402
+from e3pruner.eval.decode import (  # noqa: E402
     DecodeBenchConfig,
     add_ratios,
     bench_hf,
@@ -83,7 +83,7 @@ def removed_layers(n_layers: int, fraction: float = PRUNE_FRACTION) -> list[int]
 def qwen3_config(cfg: dict, keep: list[int] | None = None):
     from transformers import Qwen3Config
 
-    from e3pruner.export import pruned_config
+    from e3pruner.models.export import pruned_config
 
     config = Qwen3Config(**cfg)
     return pruned_config(config, keep) if keep is not None else config

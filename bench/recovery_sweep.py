@@ -56,8 +56,8 @@ def parse_setting(text: str) -> tuple[str, dict]:
 
 def run_setting(model, data, heldout, removed: list[int], tokens: int, setting: dict,
                 seed: int) -> dict:
-    from e3pruner.distill import RecoveryConfig, make_student, recover
-    from e3pruner.evaluate import perplexity
+    from e3pruner.recovery.distill import RecoveryConfig, make_student, recover
+    from e3pruner.eval.perplexity import perplexity
     from e3pruner.train import seed_everything
 
     seed_everything(seed)
@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench/results/recovery_sweep_cpu.json"))
     a = p.parse_args()
-    from e3pruner.evaluate import perplexity
+    from e3pruner.eval.perplexity import perplexity
     from e3pruner.models import load_model
     from e3pruner.pipeline import PruneArgs, prepare_data
 

@@ -30,6 +30,11 @@ pybind11::dict build_info() {
 }
 }  // namespace
 
+// The dispatcher namespace torch.ops.e3kernels: each kernel file adds its schemas with
+// TORCH_LIBRARY_FRAGMENT(e3kernels, m) and its CPU kernels with TORCH_LIBRARY_IMPL, so they
+// are registered when this module is imported (docs/dispatcher_ops.md).
+TORCH_LIBRARY(e3kernels, m) {}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "e3kernels C++ CPU kernels (OpenMP)";
   m.def("build_info", &build_info,

@@ -202,8 +202,11 @@ const TileKernels& tiles() {
 }
 
 // Whether a side whose hidden states and head are both bf16 takes the bf16 GEMM route.
+// An fp32 head is rounded to bf16 per (chunk, block) tile inside the kernel, which gives the
+// values of w.to(bfloat16) without a copy of the whole head.
 bool use_bf16_gemm(const at::Tensor& h, const at::Tensor& w) {
-  return h.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+  return h.scalar_type() == at::kBFloat16 &&
+         (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat) &&
          bf16_gemm_off_reason().empty();
 }
 
@@ -286,6 +289,15 @@ struct Operand {
   bool needs_buffer() const { return f32 == nullptr; }
 };
 
+// dst[i] = float(T(src[i])) for T = bf16 / fp16, i < n (src may be dst): the rounding of .to().
+void round_rows(const float* src, int64_t n, at::ScalarType to, float* dst) {
+  if (to == at::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::BFloat16(src[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::Half(src[i]));
+  }
+}
+
 // One side of the logits, z = h w^T (student: hs, ws; teacher: ht, wt), with its GEMM route:
 //  - fp32 (sgemm_, or at::mm_out): fp32 rows of h per chunk, of w per (chunk, block), converted
 //    from bf16 / fp16 into buffers when needed;
@@ -304,16 +316,27 @@ struct Side {
   int64_t lda = 0;
   std::vector<float> hbuf32, wbuf32;  // fp32 route conversions: [nc_max, D], T x [kBlockV, D]
   std::vector<bf16_t> hbufA, wpack;   // bf16 route: [nc_max, Kp] (odd D), T x [Kp, kBlockV]
+  std::vector<bf16_t> wround;         // bf16 route, fp32 head: T x [kBlockV, D] rounded rows
   const TileKernels& K;               // the tile loops of the ISA level in use
+
+  // fp32 route: the head rounded to the dtype of h per block (a head of another dtype than a
+  // bf16 / fp16 h), so that every route computes with the values of w.to(h.dtype).
+  at::ScalarType round_to = at::kFloat;
 
   Side(const at::Tensor& h_, const at::Tensor& w_, int T, int64_t nc_max, const TileKernels& k)
       : h(h_), w(w_), bf16(use_bf16_gemm(h_, w_)), D(h.D), Kp(D + D % 2), K(k) {
+    if (!bf16 && h_.scalar_type() != at::kFloat && w_.scalar_type() != h_.scalar_type()) {
+      round_to = h_.scalar_type();
+    }
     if (bf16) {
       if (D % 2 == 1) hbufA.assign(static_cast<size_t>(nc_max * Kp), 0);
       wpack.resize(static_cast<size_t>(T) * Kp * kBlockV);
+      if (w.bf16 == nullptr) wround.resize(static_cast<size_t>(T) * kBlockV * D);
     } else {
       if (h.needs_buffer()) hbuf32.resize(static_cast<size_t>(nc_max * D));
-      if (w.needs_buffer()) wbuf32.resize(static_cast<size_t>(T) * kBlockV * D);
+      if (w.needs_buffer() || round_to != at::kFloat) {
+        wbuf32.resize(static_cast<size_t>(T) * kBlockV * D);
+      }
     }
   }
 
@@ -337,17 +360,46 @@ struct Side {
     lda = Kp;
   }
 
+  // bf16 route: head rows [v0, v0 + bv) as bf16 rows [r0, r0 + bv) of the returned pointer
+  // (the tensor itself, or thread tid's rounding of an fp32 head; rounded here on every call).
+  const bf16_t* w_block_bf16(int tid, int64_t v0, int64_t bv, int64_t& r0) {
+    if (w.bf16 != nullptr) {
+      r0 = v0;
+      return w.bf16;
+    }
+    bf16_t* dst = wround.data() + static_cast<int64_t>(tid) * kBlockV * D;
+    K.round_to_bf16(w.f32 + v0 * D, D, bv, D, dst, D, false);
+    r0 = 0;
+    return dst;
+  }
+
+  // The rows w_block_bf16 last gave thread tid (valid until its next call).
+  const bf16_t* last_block_bf16(int tid, int64_t v0, int64_t& r0) const {
+    if (w.bf16 != nullptr) {
+      r0 = v0;
+      return w.bf16;
+    }
+    r0 = 0;
+    return wround.data() + static_cast<int64_t>(tid) * kBlockV * D;
+  }
+
   // z[nc, bv] = h_chunk w[v0 : v0 + bv]^T in fp32 (thread tid). Returns the fp32 head rows the
   // fp32 route used (for the gradient GEMMs), nullptr on the bf16 route.
   const float* logits(int tid, int64_t v0, int64_t bv, float* z, bool use_blas) {
     if (bf16) {
       bf16_t* bp = wpack.data() + static_cast<int64_t>(tid) * Kp * kBlockV;
-      K.pack_rows_t(w.bf16, D, v0, bv, bp);
+      int64_t r0 = 0;
+      const bf16_t* wb = w_block_bf16(tid, v0, bv, r0);
+      K.pack_rows_t(wb, D, r0, bv, bp);
       brgemm_bf16(nc, bv, Kp, lda, bv, bv, false, hA, bp, z);
       return nullptr;
     }
-    float* buf = w.needs_buffer() ? wbuf32.data() + static_cast<int64_t>(tid) * kBlockV * D : nullptr;
+    float* buf = wbuf32.empty() ? nullptr : wbuf32.data() + static_cast<int64_t>(tid) * kBlockV * D;
     const float* wb = w.rows(v0, bv, buf);
+    if (round_to != at::kFloat) {
+      round_rows(wb, bv * D, round_to, buf);
+      wb = buf;
+    }
     gemm_rm(false, true, nc, bv, D, h32, D, wb, D, 0.f, z, bv, use_blas);
     return wb;
   }
@@ -418,10 +470,17 @@ at::Tensor check_row_vector(const at::Tensor& x, int64_t N, const char* name, co
 
 void check_label_range(const at::Tensor& lab, int64_t ignore_index, int64_t V, const char* fn) {
   const int64_t* p = lab.data_ptr<int64_t>();
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  int64_t first_bad = -1;
   for (int64_t i = 0; i < lab.size(0); ++i) {
-    TORCH_CHECK(p[i] == ignore_index || (p[i] >= 0 && p[i] < V), fn, ": labels[", i, "] = ", p[i],
-                " is outside [0, vocab_size = ", V, ") and is not ignore_index = ", ignore_index);
+    if (p[i] == ignore_index) continue;
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+    if (first_bad < 0 && (p[i] < 0 || p[i] >= V)) first_bad = i;
   }
+  TORCH_CHECK_VALUE(first_bad < 0, fn, ": labels (", lab.size(0), ",) must be in [0, ", V,
+                    ") or equal ignore_index = ", ignore_index, "; got values in [", lo, ", ", hi,
+                    "] (labels[", first_bad, "] = ", first_bad < 0 ? 0 : p[first_bad], ")");
 }
 
 // Vocab blocks [0, nvb) are split into G contiguous groups that the threads take dynamically
@@ -613,7 +672,9 @@ struct Bf16Grad {
     bf16_t* a_t = dzt.data() + tid * dzt_stride;
     bf16_t* bw = wpack.data() + static_cast<int64_t>(tid) * kBlockV * Ds;
     S.K.round_to_bf16(z, bv, nc, bv, a, bvp, bvp != bv);
-    S.K.pack_rows_k(S.w.bf16, Ds, v0, bv, bw);
+    int64_t r0 = 0;
+    const bf16_t* wrows = S.last_block_bf16(tid, v0, r0);  // rounded by S.logits this block
+    S.K.pack_rows_k(wrows, Ds, r0, bv, bw);
     brgemm_bf16(nc, Ds, bvp, bvp, Ds, Ds, !first, a, bw, acc);
     if (gws != nullptr) {
       S.K.transpose32_to_bf16(reinterpret_cast<const char*>(z), bv * 4, nc, bv, a_t, ncp);
@@ -824,5 +885,56 @@ void register_fused_kd(pybind11::module_& m) {
 
 E3_REGISTER(register_fused_kd);
 
+namespace {
+// Dispatcher entry points (torch.ops.e3kernels.*): any strides, labels optional; the optional
+// outputs are a fixed set (ce / student_lse_t1 are [0] unless compute_ce, grad_ws is [0]
+// unless need_grad_ws), see docs/dispatcher_ops.md.
+at::Tensor opt_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(
+    const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt,
+    const std::optional<at::Tensor>& labels, double inv_temperature, bool reverse,
+    int64_t ignore_index, int64_t vocab_size, bool compute_ce) {
+  auto r = fused_kd_forward(hs.contiguous(), ws.contiguous(), ht.contiguous(), wt.contiguous(),
+                            opt_or_empty(labels), inv_temperature, reverse, ignore_index,
+                            vocab_size, compute_ce);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& grad_kl, const std::optional<at::Tensor>& grad_ce, const at::Tensor& hs,
+    const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt,
+    const std::optional<at::Tensor>& labels, const at::Tensor& student_lse,
+    const at::Tensor& teacher_lse, const at::Tensor& kl,
+    const std::optional<at::Tensor>& student_lse_t1, double inv_temperature, bool reverse,
+    int64_t ignore_index, int64_t vocab_size, bool need_grad_ws) {
+  auto r = fused_kd_backward(grad_kl, opt_or_empty(grad_ce), hs.contiguous(), ws.contiguous(),
+                             ht.contiguous(), wt.contiguous(), opt_or_empty(labels), student_lse,
+                             teacher_lse, kl, opt_or_empty(student_lse_t1), inv_temperature,
+                             reverse, ignore_index, vocab_size, need_grad_ws);
+  return {r[0], r[1]};
+}
+}  // namespace
+
 }  // namespace fused_kd
 }  // namespace e3
+
+TORCH_LIBRARY_FRAGMENT(e3kernels, m) {
+  m.def(
+      "fused_kd_forward(Tensor hs, Tensor ws, Tensor ht, Tensor wt, Tensor? labels, "
+      "float inv_temperature, bool reverse, int ignore_index, int vocab_size, bool compute_ce) "
+      "-> (Tensor kl, Tensor teacher_entropy, Tensor student_lse, Tensor teacher_lse, "
+      "Tensor ce, Tensor student_lse_t1)");
+  m.def(
+      "fused_kd_backward(Tensor grad_kl, Tensor? grad_ce, Tensor hs, Tensor ws, Tensor ht, "
+      "Tensor wt, Tensor? labels, Tensor student_lse, Tensor teacher_lse, Tensor kl, "
+      "Tensor? student_lse_t1, float inv_temperature, bool reverse, int ignore_index, "
+      "int vocab_size, bool need_grad_ws) -> (Tensor grad_hs, Tensor grad_ws)");
+}
+
+TORCH_LIBRARY_IMPL(e3kernels, CPU, m) {
+  m.impl("fused_kd_forward", &e3::fused_kd::forward_op);
+  m.impl("fused_kd_backward", &e3::fused_kd::backward_op);
+}

@@ -648,6 +648,59 @@ void register_gumbel_topk(pybind11::module_& m) {
 
 E3_REGISTER(register_gumbel_topk);
 
+namespace {
+// Dispatcher entry points (torch.ops.e3kernels.*). seed / offset are the uint64 values
+// reinterpreted as int64 (two's complement), the only integer type of a schema.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gtk_forward_op(
+    const at::Tensor& logits, const at::Tensor& k_per_row, double tau, int64_t seed,
+    int64_t offset, int64_t relaxation, bool want_soft, bool want_indices, int64_t k_max) {
+  auto r = gumbel_topk_forward(logits.contiguous(), k_per_row.to(at::kInt).contiguous(), tau,
+                               static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+                               relaxation, want_soft, want_indices, k_max);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+at::Tensor gtk_backward_op(const at::Tensor& logits, const at::Tensor& k_per_row,
+                           const std::optional<at::Tensor>& pivots, const at::Tensor& grad,
+                           double tau, int64_t seed, int64_t offset, int64_t relaxation,
+                           int64_t k_max) {
+  at::Tensor piv = pivots.has_value() ? pivots->contiguous()
+                                      : at::empty({0, 2}, logits.options().dtype(at::kInt));
+  return gumbel_topk_backward(logits.contiguous(), k_per_row.to(at::kInt).contiguous(), piv,
+                              grad.contiguous(), tau, static_cast<uint64_t>(seed),
+                              static_cast<uint64_t>(offset), relaxation, k_max);
+}
+
+at::Tensor gtk_noise_op(int64_t B, int64_t L, int64_t seed, int64_t offset) {
+  return gumbel_noise(B, L, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+}
+
+at::Tensor gtk_bits_op(const at::Tensor& x) { return gumbel_from_bits(x.to(at::kLong).contiguous()); }
+}  // namespace
+
 #undef f2i
 #undef i2f
 #undef E3_RELAX
+
+TORCH_LIBRARY_FRAGMENT(e3kernels, m) {
+  m.def(
+      "gumbel_topk_forward(Tensor logits, Tensor k_per_row, float tau, int seed, int offset, "
+      "int relaxation, bool want_soft, bool want_indices, int k_max) "
+      "-> (Tensor mask, Tensor soft, Tensor indices, Tensor pivots)");
+  m.def(
+      "gumbel_topk_backward(Tensor logits, Tensor k_per_row, Tensor? pivots, Tensor grad, "
+      "float tau, int seed, int offset, int relaxation, int k_max) -> Tensor grad_logits");
+  m.def("gumbel_noise(int B, int L, int seed, int offset) -> Tensor");
+  m.def("gumbel_from_bits(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(e3kernels, CPU, m) {
+  m.impl("gumbel_topk_forward", &gtk_forward_op);
+  m.impl("gumbel_topk_backward", &gtk_backward_op);
+  m.impl("gumbel_from_bits", &gtk_bits_op);
+}
+
+// gumbel_noise has no tensor argument to dispatch on: a CompositeExplicitAutograd kernel.
+TORCH_LIBRARY_IMPL(e3kernels, CompositeExplicitAutograd, m) {
+  m.impl("gumbel_noise", &gtk_noise_op);
+}

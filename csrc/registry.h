@@ -1,5 +1,7 @@
 // Each csrc/*.cpp registers its bindings here, so adding a kernel file never edits
 // bindings.cpp:   E3_REGISTER(register_my_ops)   with   void register_my_ops(pybind11::module_&)
+// (pybind helpers); the ops themselves are dispatcher ops: TORCH_LIBRARY_FRAGMENT(e3kernels, m)
+// for the schemas and TORCH_LIBRARY_IMPL(e3kernels, CPU, m) for the kernels, in the same file.
 #pragma once
 #include <torch/extension.h>
 

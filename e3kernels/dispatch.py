@@ -9,9 +9,9 @@ makes Triton kernels runnable on CPU tensors for tests.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
-from functools import lru_cache
 from types import ModuleType
 
 import torch
@@ -19,35 +19,66 @@ import torch
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
 
-@lru_cache(maxsize=1)
+# Facts about the install, found once and kept in module globals (not lru_cache / importlib
+# calls) so that torch.compile traces `resolve_backend` as plain Python on constants.
+_CPP: tuple[ModuleType | None, str] | None = None
+_TRITON: bool | None = None
+_INTERPRET: bool | None = None
+
+
 def _load_cpp() -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module("e3kernels._C"), ""
-    except ImportError as err:
-        return None, str(err)
+    global _CPP
+    if _CPP is None:
+        try:
+            _CPP = importlib.import_module("e3kernels._C"), ""
+        except ImportError as err:
+            _CPP = None, str(err)
+    return _CPP
 
 
 def cpp_extension() -> ModuleType | None:
-    """The compiled C++ module, or None when it was not built."""
+    """The compiled C++ module (importing it registers the torch.ops.e3kernels C++ ops), or
+    None when it was not built."""
     return _load_cpp()[0]
+
+
+def cpp_ops_registered(names) -> bool:
+    """True when e3kernels._C is built and has CPU kernels for torch.ops.e3kernels.<name>."""
+    if cpp_extension() is None:
+        return False
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"e3kernels::{name}", "CPU")
+                   for name in names)
+    except RuntimeError:  # an older build: the ops do not exist
+        return False
 
 
 def cpp_import_error() -> str:
     return _load_cpp()[1]
 
 
-@lru_cache(maxsize=1)
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when triton is installed (found without importing it)."""
+    global _TRITON
+    if _TRITON is None:
+        _TRITON = importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def triton_interpreter_active() -> bool:
-    """True when Triton runs kernels on CPU tensors (TRITON_INTERPRET=1 before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels on CPU tensors (TRITON_INTERPRET=1 before import; read
+    once, as Triton does)."""
+    global _INTERPRET
+    if _INTERPRET is None:
+        _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
+
+
+def _init() -> None:
+    """Resolve the install facts now (at import of the ops), never inside a traced function."""
+    _load_cpp()
+    triton_importable()
+    triton_interpreter_active()
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

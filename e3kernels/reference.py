@@ -134,10 +134,12 @@ def gumbel_topk_ref(
     offset: int = 0,
     relaxation: str = "softmax",
     compute_dtype: torch.dtype | None = None,
+    k_max: int | None = None,
 ) -> GumbelTopKRefOutput:
     """Gumbel-TopK with a straight-through gradient: the semantics every backend matches.
 
     logits alpha [B, L] (fp16/bf16/fp32/fp64), k int or [B] ints in [0, L], tau > 0.
+    k_max: max(k) when the caller knows it (no host sync: torch.compile can trace it).
         g = gumbel_noise_ref(B, L, seed, offset)           (fp32, bit-exact on every backend)
         z = alpha + g   (compute dtype: fp32, or fp64 for fp64 logits), y = z / tau
         m = top-k of z per row (= top-k of y), ties -> lower column index
@@ -158,6 +160,7 @@ def gumbel_topk_ref(
     dev = logits.device
     cd = compute_dtype or (torch.float64 if logits.dtype == torch.float64 else torch.float32)
     kk = torch.as_tensor(k, device=dev).to(torch.int64).expand(b)
+    kmax = k_max if k_max is not None else (int(kk.max()) if b else 0)
     g = gumbel_noise_ref(b, n, seed, offset, dev)
     alpha = logits.to(cd)
     z = alpha + g.to(cd)
@@ -176,12 +179,11 @@ def gumbel_topk_ref(
     else:
         a = y
         s = torch.zeros_like(y) + 0.0 * y  # zeros that keep the graph (k = 0 everywhere)
-        for j in range(int(kk.max()) if b else 0):
+        for j in range(kmax):
             p, _, a = successive_softmax_step_ref(a, tau)
             s = s + torch.where((kk > j)[:, None], p, torch.zeros_like(p))
         s = torch.where((kk == n)[:, None], torch.ones_like(s), s)
     mask = m + (s - s.detach())
-    kmax = int(kk.max()) if b else 0
     idx = torch.sort(torch.where(m > 0, cols, cols + n), dim=1).values[:, :kmax]
     idx = torch.where(idx < n, idx, torch.full_like(idx, -1))
     return GumbelTopKRefOutput(mask.to(logits.dtype), s.to(logits.dtype), idx, z.detach())

@@ -78,7 +78,7 @@ def cmd_info(args) -> int:
 
 def cmd_eval_ppl(args) -> int:
     from e3pruner.data import check_spec
-    from e3pruner.evaluate import perplexity
+    from e3pruner.eval.perplexity import perplexity
     from e3pruner.models import load_model
 
     try:
@@ -105,7 +105,7 @@ def cmd_eval_ppl(args) -> int:
 
 def cmd_eval_zeroshot(args) -> int:
     from e3pruner.models import load_model
-    from e3pruner.zeroshot import resolve_tasks, zero_shot
+    from e3pruner.eval.zeroshot import resolve_tasks, zero_shot
 
     tasks = resolve_tasks(args.tasks)
     t0 = time.time()
@@ -220,7 +220,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def cmd_bench_decode(args) -> int:
-    from e3pruner.decode import DecodeBenchConfig, run_decode_bench
+    from e3pruner.eval.decode import DecodeBenchConfig, run_decode_bench
 
     cfg = DecodeBenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                             batch_sizes=args.batch_sizes, warmup=args.warmup,

@@ -17,7 +17,7 @@ and is not exported (vLLM would see the full model).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from e3pruner.pipeline import (
     prepare_out_dir,
     resolve_n_prune,
 )
+from e3pruner.run_args import RunArgs
 from e3pruner.train import atomic_write_text, remove_stale_temp_files, seed_everything, write_json
 
 DEFAULT_METHODS = "e3,clp,self-pruner,shortgpt,angular,ppl,taylor,sleb"
@@ -49,37 +50,15 @@ TASK_LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "hellaswag": "Hell
 
 
 @dataclass
-class CompareArgs:
+class CompareArgs(RunArgs):
     methods: str = DEFAULT_METHODS
-    model: str = "smollm2-135m"
-    prune_layers: int | None = None
-    ratio: float | None = None  # default 0.25 when prune_layers is None
-    data: str = "bundled"
-    heldout: str = "heldout"
-    block_len: int = 256
-    batch_size: int = 4
-    calib_blocks: int = 4
-    search_tokens: int = 32_768  # E3 and CLP gradient search
-    recovery_tokens: int = 32_768  # the same for every method (0: no recovery)
-    lr: float = 4e-4
-    amp: str = "bf16"
-    weighting: str = "entropy"
-    eval_tokens: int = 8_192
-    eval_ctx: int = 512
+    out: str = "runs/compare-smollm2"
     tasks: str | None = None  # comma-separated zero-shot tasks (None: all 7)
     zeroshot_limit: int | None = 100  # first N items per task (None: all)
     population: int = 30  # Self-Pruner
     generations: int = 20
     operator: str = "llm"  # Self-Pruner operators: "llm" or "classic"
     export: bool = False  # also write each method's pruned checkpoint
-    out: str = "runs/compare-smollm2"
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def parse_methods(spec: str) -> list[str]:
@@ -97,7 +76,7 @@ def parse_methods(spec: str) -> list[str]:
 
 
 def validate(args: CompareArgs) -> tuple[list[str], int, int]:
-    from e3pruner.zeroshot import resolve_tasks
+    from e3pruner.eval.zeroshot import resolve_tasks
 
     methods = parse_methods(args.methods)
     if args.ratio is not None and (isinstance(args.ratio, bool) or not 0 < args.ratio < 1):
@@ -135,22 +114,12 @@ def validate(args: CompareArgs) -> tuple[list[str], int, int]:
 
 
 def method_config(name: str, args: CompareArgs):
-    """The search configuration each method gets from the shared arguments."""
-    amp = None if args.amp == "none" else args.amp
-    if name == "e3":
-        from e3pruner.methods.e3 import E3Config
+    """The search configuration each method gets from the shared arguments (the fields it
+    registered as shared; see methods.base.register)."""
+    from e3pruner.methods import method_config as registered_config
 
-        return E3Config(weighting=args.weighting, amp=amp)
-    if name == "clp":
-        from e3pruner.methods.clp import CLPConfig
-
-        return CLPConfig(amp=amp)
-    if name.startswith("self-pruner"):
-        from e3pruner.methods.self_pruner import SelfPrunerConfig
-
-        return SelfPrunerConfig(population=args.population, generations=args.generations,
-                                operator=args.operator)
-    return None
+    settings = {**asdict(args), "amp": None if args.amp == "none" else args.amp}
+    return registered_config(name, settings)
 
 
 def run_compare(args: CompareArgs, log=print) -> dict:
@@ -172,14 +141,10 @@ def run_compare(args: CompareArgs, log=print) -> dict:
 
 def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layers: int,
                  n_prune: int, log) -> dict:
-    from e3pruner.distill import RecoveryConfig, make_student, recover
-    from e3pruner.evaluate import perplexity
-    from e3pruner.export import export_pruned
-    from e3pruner.gates import gated, remove_gates
-    from e3pruner.methods import Budget, Selection, get_method, method_recovery
+    from e3pruner.eval.perplexity import perplexity
+    from e3pruner.eval.zeroshot import resolve_tasks, zero_shot
     from e3pruner.models import load_model
     from e3pruner.plots import plot_removed_layers
-    from e3pruner.zeroshot import resolve_tasks, zero_shot
 
     t0 = time.time()
     run = Path(args.out)
@@ -213,75 +178,14 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
     results = dict(state.get("methods") or {})
     for name in methods:
         res = dict(results.get(name) or {})
-        method_dir = run / name
-        method_dir.mkdir(exist_ok=True)
+        (run / name).mkdir(exist_ok=True)
 
         def save(res=res, name=name):
             results[name] = res
             state.set("methods", results)
 
-        if "selection" not in res:
-            budget = Budget(search_tokens=args.search_tokens, batch_size=args.batch_size,
-                            seed=args.seed, progress=args.progress, run_dir=str(method_dir),
-                            resume=args.resume)
-            t = time.time()
-            config = method_config(name, args)
-            kw = {} if config is None else {"config": config}
-            sel = get_method(name)(model, data, n_prune, budget, **kw)
-            res["selection"] = asdict(sel)
-            res["search_seconds"] = time.time() - t
-            save()
-        sel = Selection(**res["selection"])
-        width = sel.info.get("width_rates")
-        log(f"{name}: removes {sel.removed if width is None else 'width ' + str(width)}")
-
-        if "ppl_before" not in res:
-            with torch.no_grad():
-                if width is not None:
-                    res["ppl_before"] = _with_width_masks(model, sel, data, lambda: ppl(model))
-                else:
-                    with gated(model, sel.mask(args.device)):
-                        res["ppl_before"] = ppl(model)
-                    remove_gates(model)
-            save()
-
-        recovered = "ppl_after" in res
-        if not recovered or res.get("zeroshot_settings") != zs_settings:
-            t = time.time()
-            if width is not None:
-                res.update(ppl_after=None, recovery={"steps": 0, "tokens": 0},
-                           zeroshot=_with_width_masks(model, sel, data, lambda: zeroshot(model)),
-                           note="width pruning by masking: no recovery, not exported")
-            else:
-                overrides = method_recovery(name)
-                cfg = RecoveryConfig(**{**dict(tokens=args.recovery_tokens,
-                                                batch_size=args.batch_size, lr=args.lr,
-                                                weighting=args.weighting,
-                                                amp=None if args.amp == "none" else args.amp),
-                                        **overrides})
-                # recovered already, only the zero-shot settings changed: the final
-                # recovery checkpoint restores the student (else recovery runs again, seeded)
-                student = make_student(model, sel.keep)
-                student, summary = recover(student, model, data, cfg, keep=sel.keep,
-                                           seed=args.seed, run_dir=str(method_dir),
-                                           resume=args.resume or recovered,
-                                           progress=args.progress)
-                if not recovered:
-                    summary["seconds"] = time.time() - t
-                    res["recovery"] = summary
-                    res["ppl_after"] = ppl(student) if summary["steps"] else res["ppl_before"]
-                res["zeroshot"] = zeroshot(student)
-                if args.export and not recovered:
-                    res["export"] = str(export_pruned(
-                        student, list(range(len(sel.keep))), method_dir / "model", tok,
-                        info={"original_num_layers": n_layers, "kept_layers": sel.keep,
-                              "removed_layers": sel.removed, "method": name,
-                              "source": args.model, "recovery_tokens": summary["tokens"],
-                              "search_tokens": sel.tokens}))
-                del student
-            res["zeroshot_settings"] = zs_settings
-            res["eval_seconds" if not recovered else "zeroshot_eval_seconds"] = time.time() - t
-            save()
+        _compare_method(name, res, save, args, model, data, tok, n_layers, n_prune, ppl,
+                        zeroshot, zs_settings, log)
         log(f"{name}: ppl before {res['ppl_before']:.2f}, after "
             f"{res['ppl_after'] if res['ppl_after'] is None else round(res['ppl_after'], 2)}")
 
@@ -300,8 +204,82 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
     return report
 
 
+def _compare_method(name: str, res: dict, save, args: CompareArgs, model, data, tok,
+                    n_layers: int, n_prune: int, ppl, zeroshot, zs_settings, log) -> None:
+    """One method's row, each step stored by `save` as it finishes: selection, perplexity
+    before recovery, recovery (or the width masks), perplexity and zero-shot after."""
+    from e3pruner.methods import Budget, Selection, get_method, method_recovery
+    from e3pruner.models.export import export_pruned
+    from e3pruner.models.gates import gated, remove_gates
+    from e3pruner.recovery.distill import RecoveryConfig, make_student, recover
+
+    method_dir = Path(args.out) / name
+    if "selection" not in res:
+        budget = Budget(search_tokens=args.search_tokens, batch_size=args.batch_size,
+                        seed=args.seed, progress=args.progress, run_dir=str(method_dir),
+                        resume=args.resume)
+        t = time.time()
+        config = method_config(name, args)
+        kw = {} if config is None else {"config": config}
+        sel = get_method(name)(model, data, n_prune, budget, **kw)
+        res["selection"] = asdict(sel)
+        res["search_seconds"] = time.time() - t
+        save()
+    sel = Selection(**res["selection"])
+    width = sel.info.get("width_rates")
+    log(f"{name}: removes {sel.removed if width is None else 'width ' + str(width)}")
+
+    if "ppl_before" not in res:
+        with torch.no_grad():
+            if width is not None:
+                res["ppl_before"] = _with_width_masks(model, sel, data, lambda: ppl(model))
+            else:
+                with gated(model, sel.mask(args.device)):
+                    res["ppl_before"] = ppl(model)
+                remove_gates(model)
+        save()
+
+    recovered = "ppl_after" in res
+    if not recovered or res.get("zeroshot_settings") != zs_settings:
+        t = time.time()
+        if width is not None:
+            res.update(ppl_after=None, recovery={"steps": 0, "tokens": 0},
+                       zeroshot=_with_width_masks(model, sel, data, lambda: zeroshot(model)),
+                       note="width pruning by masking: no recovery, not exported")
+        else:
+            overrides = method_recovery(name)
+            cfg = RecoveryConfig(**{**dict(tokens=args.recovery_tokens,
+                                            batch_size=args.recovery_batch(), lr=args.lr,
+                                            weighting=args.weighting,
+                                            amp=None if args.amp == "none" else args.amp),
+                                    **overrides})
+            # recovered already, only the zero-shot settings changed: the final
+            # recovery checkpoint restores the student (else recovery runs again, seeded)
+            student = make_student(model, sel.keep)
+            student, summary = recover(student, model, data, cfg, keep=sel.keep,
+                                       seed=args.seed, run_dir=str(method_dir),
+                                       resume=args.resume or recovered,
+                                       progress=args.progress)
+            if not recovered:
+                summary["seconds"] = time.time() - t
+                res["recovery"] = summary
+                res["ppl_after"] = ppl(student) if summary["steps"] else res["ppl_before"]
+            res["zeroshot"] = zeroshot(student)
+            if args.export and not recovered:
+                res["export"] = str(export_pruned(
+                    student, list(range(len(sel.keep))), method_dir / "model", tok,
+                    info={"original_num_layers": n_layers, "kept_layers": sel.keep,
+                          "removed_layers": sel.removed, "method": name,
+                          "source": args.model, "recovery_tokens": summary["tokens"],
+                          "search_tokens": sel.tokens}))
+            del student
+        res["zeroshot_settings"] = zs_settings
+        res["eval_seconds" if not recovered else "zeroshot_eval_seconds"] = time.time() - t
+        save()
+
+
 def _with_width_masks(model, sel, data, fn):
-    from e3pruner.width import apply_width_masks, collect_width_stats
+    from e3pruner.methods.self_pruner.width import apply_width_masks, collect_width_stats
 
     stats = collect_width_stats(model, data.calib)
     handle = apply_width_masks(model, sel.info["width_rates"], stats)

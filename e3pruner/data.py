@@ -27,6 +27,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -291,3 +292,28 @@ class TokenBlocks:
                 i = start
             yield self.blocks[self.order[i:i + batch_size]]
             i += batch_size
+
+
+@dataclass
+class PruneData:
+    """calib: [n_calib, T] token blocks for importance scores and calibration losses.
+    blocks: the training stream; blocks [train_start, len) are free for search/recovery."""
+
+    calib: torch.Tensor
+    blocks: TokenBlocks | None = None
+    train_start: int = 0
+
+
+def batch_rows(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
+    """Block indices [batch_size] of a step's batch (cycling over the free blocks), so the
+    data of every step is fixed by the step number and resume is exact."""
+    free = len(data.blocks) - data.train_start
+    if free < batch_size:
+        raise ValueError(f"need at least {batch_size} free blocks, have {free}")
+    start = data.train_start + (step % (free // batch_size)) * batch_size
+    return data.blocks.order[start:start + batch_size]
+
+
+def batch_at(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
+    """The [batch_size, block_len] tokens of a step's batch (see batch_rows)."""
+    return data.blocks.blocks[batch_rows(data, step, batch_size)]

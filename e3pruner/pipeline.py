@@ -22,12 +22,13 @@ import numbers
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from e3pruner.distributed import SINGLE, DistContext
+from e3pruner.run_args import RunArgs
 from e3pruner.train import (
     RunFileError,
     json_text,
@@ -38,43 +39,23 @@ from e3pruner.train import (
 
 
 @dataclass
-class PruneArgs:
-    model: str = "smollm2-135m"
-    prune_layers: int | None = None
-    ratio: float | None = None  # default 0.25 when prune_layers is None
-    data: str = "bundled"
-    heldout: str = "heldout"
-    block_len: int = 256
-    batch_size: int = 4  # mask search (the score estimator needs >= 2 rows)
-    recovery_batch_size: int | None = 2  # None: batch_size
-    calib_blocks: int = 4
+class PruneArgs(RunArgs):
+    recovery_batch_size: int | None = 2  # more, smaller steps recover more per token
     search_tokens: int = 65_536
     recovery_tokens: int = 122_880
+    out: str = "runs/e3-smollm2"
     grad_accum: int = 1
-    lr: float = 4e-4
     search_lr: float = 0.1
     scope: str = "full"
     teacher: str = "live"
-    weighting: str = "entropy"
     ce_weight: float | None = None  # recovery: + ce_weight * next-token CE of the data
     # (None: 0.3 with the live teacher, 0 with the top-K cache, whose loss has no CE term)
     per_sample: bool = False  # one mask per sample with estimator "st" ("score" always does)
     estimator: str = "score"  # mask-search gradient: "score" (score function) or "st"
-    amp: str = "bf16"  # autocast for the search and recovery forward/backward ("none": off)
-    eval_tokens: int = 8_192
-    eval_ctx: int = 512
-    out: str = "runs/e3-smollm2"
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
     checkpoint_every: int = 25
     keep_checkpoints: bool = False  # else a finished run deletes search/recovery_ckpt.pt
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" for recovery
     baseline: bool = True
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class PruneError(ValueError):
@@ -178,7 +159,7 @@ def validate(args: PruneArgs, dist: DistContext = SINGLE) -> tuple[int, int]:
     if args.search_tokens < step_tokens:
         raise PruneError(f"--search-tokens must be >= one step ({args.batch_size} x "
                          f"{args.block_len} = {step_tokens} tokens), got {args.search_tokens}")
-    rec_step = recovery_batch(args) * args.block_len * args.grad_accum
+    rec_step = args.recovery_batch() * args.block_len * args.grad_accum
     if args.recovery_tokens != 0 and args.recovery_tokens < rec_step:
         raise PruneError(f"--recovery-tokens must be 0 (no recovery) or >= one step "
                          f"({rec_step} tokens), got {args.recovery_tokens}")
@@ -191,7 +172,7 @@ def validate(args: PruneArgs, dist: DistContext = SINGLE) -> tuple[int, int]:
     try:
         dist.check_divides(args.batch_size, "--batch-size")
         if args.recovery_tokens:
-            dist.check_divides(recovery_batch(args), "--recovery-batch-size")
+            dist.check_divides(args.recovery_batch(), "--recovery-batch-size")
     except ValueError as err:
         raise PruneError(str(err)) from None
     check_model_options(args)
@@ -225,12 +206,6 @@ def recovery_ce_weight(args: PruneArgs) -> float:
     if args.ce_weight is not None:
         return args.ce_weight
     return 0.3 if args.teacher == "live" else 0.0
-
-
-def recovery_batch(args) -> int:
-    """Blocks per recovery micro-batch: --recovery-batch-size, else --batch-size (compare)."""
-    rb = getattr(args, "recovery_batch_size", None)
-    return args.batch_size if rb is None else rb
 
 
 STATE_FILE = "state.json"
@@ -403,7 +378,7 @@ def prepare_data(args, tok, log=print):
         raise PruneError(f"--data {args.data!r} gives only {stream.numel()} tokens: fewer than "
                          f"one block of --block-len {args.block_len}; give more text")
     blocks = TokenBlocks(stream, args.block_len, seed=args.seed)
-    if len(blocks) < args.calib_blocks + max(args.batch_size, recovery_batch(args)):
+    if len(blocks) < args.calib_blocks + max(args.batch_size, args.recovery_batch()):
         raise PruneError(f"data {args.data!r} gives only {len(blocks)} blocks of "
                          f"{args.block_len} tokens; need more text")
     data = PruneData(calib=blocks.take(args.calib_blocks, 0), blocks=blocks,
@@ -449,15 +424,10 @@ def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
 
 def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, log,
                dist: DistContext) -> dict:
-    from e3pruner.distill import RecoveryConfig, make_student, recover
-    from e3pruner.evaluate import perplexity
-    from e3pruner.export import export_pruned
-    from e3pruner.gates import gated, remove_gates
-    from e3pruner.methods import Budget, Selection, get_method
-    from e3pruner.methods.e3 import E3Config
+    from e3pruner.eval.perplexity import perplexity
     from e3pruner.models import load_model
-    from e3pruner.plots import plot_layer_importance, plot_loss, plot_mask_probabilities
-    from e3pruner.train import Checkpointer, MetricsLog, check_finite, check_finite_params
+    from e3pruner.models.export import export_pruned
+    from e3pruner.train import Checkpointer, check_finite
 
     t0 = time.time()
     run = Path(args.out)
@@ -499,6 +469,41 @@ def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, lo
         state.set("teacher_ppl", ppl(model, "unpruned model"))
     log(f"teacher held-out perplexity: {state.get('teacher_ppl'):.3f}")
 
+    sel = _search_phase(args, state, model, data, n_prune, ppl, log, dist)
+    student, rec_summary = _recovery_phase(args, state, model, data, sel, ppl, hint, dist)
+
+    if not dist.is_main:
+        dist.barrier()  # rank 0 exports and reports
+        return {}
+    export_dir = export_pruned(student, list(range(len(sel.keep))), run / "model", tok, info={
+        "original_num_layers": n_layers, "kept_layers": sel.keep, "removed_layers": sel.removed,
+        "method": "e3", "source": args.model, "recovery_tokens": rec_summary["tokens"],
+        "search_tokens": sel.tokens})
+
+    plots = _write_plots(run, sel, state.get("shortgpt"), n_layers, n_prune)
+    report = _build_report(args, state, sel, rec_summary, heldout, export_dir, plots, n_layers,
+                           n_prune, dist, n_params=sum(p.numel() for p in model.parameters()),
+                           n_params_pruned=sum(p.numel() for p in student.parameters()),
+                           seconds=time.time() - t0)
+    write_json(run / "report.json", report)
+    state.set("finished", True)
+    if not args.keep_checkpoints:
+        for ckpt in ckpts:
+            ckpt.remove()
+    log(format_table(report))
+    dist.barrier()
+    return report
+
+
+def _search_phase(args: PruneArgs, state: RunState, model, data, n_prune: int, ppl, log,
+                  dist: DistContext):
+    """The E3 mask search, the perplexity of its mask and the ShortGPT baseline (each
+    skipped when state.json has it); returns the Selection."""
+    from e3pruner.methods import Budget, Selection, get_method
+    from e3pruner.methods.e3 import E3Config
+    from e3pruner.models.gates import gated, remove_gates
+
+    run = Path(args.out)
     budget = Budget(search_tokens=args.search_tokens, batch_size=args.batch_size,
                     seed=args.seed, progress=args.progress and dist.is_main, run_dir=str(run),
                     resume=args.resume, checkpoint_every=args.checkpoint_every, dist=dist)
@@ -525,7 +530,17 @@ def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, lo
         state.set("shortgpt", {**asdict(base), "ppl_before": base_ppl,
                                "seconds": time.time() - t})
 
-    rec_cfg = RecoveryConfig(tokens=args.recovery_tokens, batch_size=recovery_batch(args),
+    return sel
+
+
+def _recovery_phase(args: PruneArgs, state: RunState, model, data, sel, ppl, hint: str,
+                    dist: DistContext):
+    """KD recovery of the pruned student and its perplexity; returns (student, summary)."""
+    from e3pruner.recovery.distill import RecoveryConfig, make_student, recover
+    from e3pruner.train import check_finite_params
+
+    run = Path(args.out)
+    rec_cfg = RecoveryConfig(tokens=args.recovery_tokens, batch_size=args.recovery_batch(),
                              grad_accum=args.grad_accum, lr=args.lr, scope=args.scope,
                              weighting=args.weighting, ce_weight=recovery_ce_weight(args),
                              teacher=args.teacher, amp=args.amp)
@@ -542,37 +557,14 @@ def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, lo
         state.set("ppl_after", ppl(student, "pruned model after recovery")
                   if rec_summary["steps"] else state.get("ppl_before"))
 
-    if not dist.is_main:
-        dist.barrier()  # rank 0 exports and reports
-        return {}
-    n_params = sum(p.numel() for p in model.parameters())
-    n_params_pruned = sum(p.numel() for p in student.parameters())
-    export_dir = export_pruned(student, list(range(len(sel.keep))), run / "model", tok, info={
-        "original_num_layers": n_layers, "kept_layers": sel.keep, "removed_layers": sel.removed,
-        "method": "e3", "source": args.model, "recovery_tokens": rec_summary["tokens"],
-        "search_tokens": sel.tokens})
+    return student, rec_summary
 
-    records = MetricsLog(run / "metrics.jsonl", "x").read()
-    plots = {
-        "mask_probabilities": str(plot_mask_probabilities(records, sel.removed,
-                                                          run / "mask_probabilities.png")),
-        "loss": str(plot_loss(records, run / "loss.png")),
-    }
-    scores = {"E3 logits (final)": sel.scores,
-              "skip-one KL (init)": sel.info.get("init_kl")}
-    removed = {"E3 logits (final)": sel.removed}
-    if sel.info.get("init_kl"):
-        from e3pruner.methods.base import keep_lowest_removed
 
-        init_keep = set(keep_lowest_removed(torch.tensor(sel.info["init_kl"]), n_prune))
-        removed["skip-one KL (init)"] = [i for i in range(n_layers) if i not in init_keep]
-    if state.get("shortgpt"):
-        scores["ShortGPT block influence"] = state.get("shortgpt")["scores"]
-        keep_b = set(state.get("shortgpt")["keep"])
-        removed["ShortGPT block influence"] = [i for i in range(n_layers) if i not in keep_b]
-    plots["layer_importance"] = str(plot_layer_importance(scores, removed,
-                                                          run / "layer_importance.png"))
-    report = {
+def _build_report(args: PruneArgs, state: RunState, sel, rec_summary: dict, heldout, export_dir,
+                  plots: dict, n_layers: int, n_prune: int, dist: DistContext, *, n_params: int,
+                  n_params_pruned: int, seconds: float) -> dict:
+    """report.json of a finished prune."""
+    return {
         "model": args.model, "device": args.device, "dtype": args.dtype,
         "num_layers": n_layers, "pruned_layers": n_prune, "kept_layers": sel.keep,
         "removed_layers": sel.removed, "params": n_params, "params_pruned": n_params_pruned,
@@ -587,18 +579,38 @@ def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, lo
         "tokens": {"search": sel.tokens, "recovery": rec_summary["tokens"]},
         "seconds": {"search": state.get("search").get("seconds"),
                     "recovery": state.get("recovery").get("seconds"),
-                    "total_this_invocation": time.time() - t0},
+                    "total_this_invocation": seconds},
         "recovery": state.get("recovery"), "search": sel.info,
         "export": str(export_dir), "plots": plots, "args": asdict(args),
     }
-    write_json(run / "report.json", report)
-    state.set("finished", True)
-    if not args.keep_checkpoints:
-        for ckpt in ckpts:
-            ckpt.remove()
-    log(format_table(report))
-    dist.barrier()
-    return report
+
+
+def _write_plots(run: Path, sel, shortgpt: dict | None, n_layers: int, n_prune: int) -> dict:
+    """Mask probabilities, loss curves and layer importance (E3, its init, ShortGPT) as PNGs
+    in the run directory; returns {name: path}."""
+    from e3pruner.methods.base import keep_lowest_removed
+    from e3pruner.plots import plot_layer_importance, plot_loss, plot_mask_probabilities
+    from e3pruner.train import MetricsLog
+
+    records = MetricsLog(run / "metrics.jsonl", "x").read()
+    plots = {
+        "mask_probabilities": str(plot_mask_probabilities(records, sel.removed,
+                                                          run / "mask_probabilities.png")),
+        "loss": str(plot_loss(records, run / "loss.png")),
+    }
+    scores = {"E3 logits (final)": sel.scores,
+              "skip-one KL (init)": sel.info.get("init_kl")}
+    removed = {"E3 logits (final)": sel.removed}
+    if sel.info.get("init_kl"):
+        init_keep = set(keep_lowest_removed(torch.tensor(sel.info["init_kl"]), n_prune))
+        removed["skip-one KL (init)"] = [i for i in range(n_layers) if i not in init_keep]
+    if shortgpt:
+        scores["ShortGPT block influence"] = shortgpt["scores"]
+        keep_b = set(shortgpt["keep"])
+        removed["ShortGPT block influence"] = [i for i in range(n_layers) if i not in keep_b]
+    plots["layer_importance"] = str(plot_layer_importance(scores, removed,
+                                                          run / "layer_importance.png"))
+    return plots
 
 
 def format_table(r: dict) -> str:

@@ -1,6 +1,6 @@
-"""Training-loop plumbing shared by mask search and recovery: atomic checkpoints, a JSONL
-metrics log that stays consistent across resumes, LR and temperature schedules, token
-accounting, deterministic seeding."""
+"""Training-loop plumbing shared by the mask searches and recovery: atomic checkpoints, a
+JSONL metrics log that stays consistent across resumes, LR and temperature schedules,
+finite checks, deterministic seeding and RNG state, strict JSON files."""
 
 from __future__ import annotations
 
@@ -15,37 +15,6 @@ import numpy as np
 import torch
 
 from e3pruner.disk_space import full_disk_as_error, require_free_space, tensor_bytes
-
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-               "float16": torch.float16}
-
-
-def amp_dtype(amp: str | None) -> torch.dtype | None:
-    """The autocast dtype of `amp` ("bf16", "fp16"), or None for None/"none"/"off"."""
-    if amp in (None, "none", "off"):
-        return None
-    if amp not in _AMP_DTYPES:
-        raise ValueError(f"amp must be one of {sorted(_AMP_DTYPES)} or 'none', got {amp!r}")
-    return _AMP_DTYPES[amp]
-
-
-def autocast(device: torch.device | str, amp: str | None):
-    """bf16/fp16 autocast context for `amp` in {"bf16", "fp16"}, or a no-op for None/"none"."""
-    import contextlib
-
-    dtype = amp_dtype(amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-def head_input(h: torch.Tensor, amp: str | None) -> torch.Tensor:
-    """Final hidden states [..., D] as the LM head sees them under `amp`: in the amp dtype,
-    as autocast casts a Linear's input (the fused KD loss then casts the head to match and
-    runs its bf16 GEMM path); unchanged without amp. Differentiable."""
-    dtype = amp_dtype(amp)
-    return h if dtype is None or h.dtype == dtype else h.to(dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -148,7 +117,7 @@ def remove_stale_temp_files(run_dir: str | Path, depth: int = 2) -> list[Path]:
     shards, `.model.tmp-*` export dirs of processes no longer alive. Returns what went."""
     import shutil
 
-    from e3pruner.export import stale_export_temp
+    from e3pruner.models.export import stale_export_temp
 
     removed: list[Path] = []
     root = Path(run_dir)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the separate venv in which vLLM (CPU build) runs: e3pruner's own environment never
-# imports vllm; it runs `e3pruner/vllm_runner.py` with this venv's python in a subprocess.
+# imports vllm; it runs `e3pruner/eval/vllm_runner.py` with this venv's python in a subprocess.
 #
 #   tools/make_vllm_env.sh                 # -> .venv-vllm/ in the repo root
 #   E3_VLLM_VENV=/path/venv tools/make_vllm_env.sh

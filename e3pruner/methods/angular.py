@@ -16,12 +16,8 @@ each start l.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from e3pruner.gates import gated
-from e3pruner.hidden import final_hidden
 from e3pruner.methods.base import (
     Budget,
     PruneData,
@@ -30,44 +26,8 @@ from e3pruner.methods.base import (
     preserved_model_state,
     register,
 )
-from e3pruner.models.families import decoder_layers, final_norm
-
-
-@torch.no_grad()
-def last_token_states(model, calib: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """[L + 1, n_calib, D] fp32 last-token hidden states: the input of every decoder layer,
-    then the input of the final norm."""
-    layers = decoder_layers(model)
-    n = len(layers)
-    device = next(model.parameters()).device
-    box: dict[int, torch.Tensor] = {}
-
-    def grab(idx):
-        return lambda _m, a, k: box.__setitem__(
-            idx, (a[0] if a else k["hidden_states"])[:, -1].float().cpu())
-
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
-    handles.append(final_norm(model).register_forward_pre_hook(grab(n), with_kwargs=True))
-    rows = []
-    try:
-        with gated(model, None):
-            for i in range(0, calib.shape[0], batch_size):
-                final_hidden(model, calib[i:i + batch_size].to(device))
-                rows.append(torch.stack([box[j] for j in range(n + 1)]))
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.cat(rows, 1)
-
-
-def angular_distances(states: torch.Tensor, n: int) -> torch.Tensor:
-    """d [L - n + 1]: d[l] = mean_b arccos(cos(states[l, b], states[l + n, b])) / pi, from
-    states [L + 1, B, D]."""
-    if not 1 <= n < states.shape[0]:
-        raise ValueError(f"block size must be in [1, {states.shape[0] - 1}], got {n}")
-    cos = torch.nn.functional.cosine_similarity(states[:-n].double(), states[n:].double(), dim=-1)
-    return (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).mean(1).float()
+from e3pruner.angular_distance import angular_distances, last_token_states
+from e3pruner.models.families import decoder_layers
 
 
 @register("angular")

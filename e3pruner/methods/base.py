@@ -5,7 +5,8 @@
 `model` is a supported causal LM (weights are not modified), `data` a PruneData (a
 calibration batch plus the token blocks to search/train on), `n_prune` the number of
 layers to remove, `budget` the token budget and seeds. Methods register a name with
-`@register("name")`; `get_method(name)` returns the callable.
+`@register("name", config=TheConfig)`; `e3pruner.methods.get_method(name)` returns
+the callable (the lookups live in the package, which imports every method first).
 
 A method that defines its own recovery registers it as RecoveryConfig overrides:
 `@register("clp", recovery={"scope": "endpoints"})`; `method_recovery(name)` returns them
@@ -20,18 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from e3pruner.data import TokenBlocks
+from e3pruner.data import PruneData
 from e3pruner.distributed import SINGLE, DistContext
-
-
-@dataclass
-class PruneData:
-    """calib: [n_calib, T] token blocks for importance scores and calibration losses.
-    blocks: the training stream; blocks [train_start, len) are free for search/recovery."""
-
-    calib: torch.Tensor
-    blocks: TokenBlocks | None = None
-    train_start: int = 0
+from e3pruner.models.gates import _STATE, remove_gates
 
 
 @dataclass
@@ -67,35 +59,21 @@ class Selection:
 
 _METHODS: dict[str, Callable[..., Selection]] = {}
 _RECOVERY: dict[str, dict] = {}
+_CONFIGS: dict[str, tuple[type | None, tuple[str, ...]]] = {}
 
 
-def register(name: str, *, recovery: dict | None = None):
+def register(name: str, *, config: type | None = None, shared: tuple[str, ...] = (),
+             recovery: dict | None = None):
+    """Register a method under `name` with its config class, the fields of that config
+    that take the run's shared settings of the same name (`shared`), and its
+    RecoveryConfig overrides."""
     def deco(fn):
         _METHODS[name] = fn
         _RECOVERY[name] = dict(recovery or {})
+        _CONFIGS[name] = (config, tuple(shared))
         return fn
 
     return deco
-
-
-def method_recovery(name: str) -> dict:
-    """RecoveryConfig field overrides the method defines (e.g. CLP: endpoint tuning)."""
-    get_method(name)
-    return dict(_RECOVERY[name])
-
-
-def get_method(name: str) -> Callable[..., Selection]:
-    from e3pruner import methods  # noqa: F401  (imports every method module)
-
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(_METHODS)}")
-    return _METHODS[name]
-
-
-def available_methods() -> list[str]:
-    from e3pruner import methods  # noqa: F401
-
-    return sorted(_METHODS)
 
 
 def check_n_prune(n_prune: int, num_layers: int) -> None:
@@ -122,8 +100,6 @@ def keep_lowest_removed(scores: torch.Tensor, n_prune: int) -> list[int]:
 def preserved_model_state(model):
     """Run a selection without leaving a trace on the model: restores every parameter's
     requires_grad and .grad, whether layer gates were installed, and their mask."""
-    from e3pruner.gates import _STATE, remove_gates
-
     params = list(model.parameters())
     saved = [(p.requires_grad, p.grad) for p in params]
     gate_state = getattr(model, _STATE, None)

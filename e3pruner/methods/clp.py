@@ -27,7 +27,7 @@ early, the wide soft window smooths the loss over a so the segment can travel; l
 gates are nearly binary and the loss is that of the hard segment.
 Steps = max(min_steps, search_tokens // (batch_size * block_len)).
 
-Init of a ("init"): "angular" (the argmin start of the angular distance, angular.py: one
+Init of a ("init"): "angular" (the argmin start of the angular distance, angular_distance.py: one
 cheap forward over the calibration set), "middle" ((L - n) / 2), or a number (a start in
 [0, L - n], e.g. to test that the search finds the segment on its own). No restarts.
 
@@ -37,7 +37,7 @@ fraction of a layer off the integer, so rounding alone can pick the wrong neighb
 removed = [start, start + n).
 scores = g_l(a_final, t_end) (higher = kept); info has the trajectory of a, T and the loss.
 Recovery: registered with scope "endpoints" (cutoff endpoint tuning: only the kept layers
-adjacent to the cut are trained, distill.endpoint_layers).
+adjacent to the cut are trained, recovery.distill.endpoint_layers).
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from e3pruner.gates import gated
-from e3pruner.hidden import final_hidden
-from e3pruner.methods.angular import angular_distances, last_token_states
+from e3pruner.amp import autocast
+from e3pruner.angular_distance import angular_distances, last_token_states
+from e3pruner.data import batch_at
+from e3pruner.losses import kd_from_hidden
 from e3pruner.methods.base import (
     Budget,
     PruneData,
@@ -58,9 +59,10 @@ from e3pruner.methods.base import (
     preserved_model_state,
     register,
 )
-from e3pruner.methods.e3 import batch_at
+from e3pruner.models.activations import final_hidden
 from e3pruner.models.families import decoder_layers, lm_head
-from e3pruner.train import MetricsLog, autocast, cosine_lr, exp_anneal, head_input
+from e3pruner.models.gates import gated
+from e3pruner.train import MetricsLog, cosine_lr, exp_anneal
 
 
 @dataclass
@@ -110,12 +112,10 @@ def initial_start(model, data: PruneData, n_prune: int, cfg: CLPConfig, batch_si
     return a0, None
 
 
-def _kd_loss(hs, ht, weight, cfg: CLPConfig):
-    from e3kernels import fused_linear_kd_loss
-
-    return fused_linear_kd_loss(head_input(hs.reshape(-1, hs.shape[-1]), cfg.amp), weight,
-                                head_input(ht.reshape(-1, ht.shape[-1]), cfg.amp), weight,
-                                weighting=cfg.weighting, temperature=cfg.temperature).loss
+def kd_loss(hs, ht, weight, cfg: CLPConfig) -> torch.Tensor:
+    """Mean per-token KD loss of student hidden `hs` against teacher hidden `ht`."""
+    return kd_from_hidden(hs, weight, ht, amp=cfg.amp, weighting=cfg.weighting,
+                          temperature=cfg.temperature).loss
 
 
 @torch.no_grad()
@@ -133,12 +133,12 @@ def hard_segment_kl(model, calib: torch.Tensor, start: int, n_prune: int, weight
                 ht = final_hidden(model, ids)
             with gated(model, mask):
                 hs = final_hidden(model, ids)
-        total += _kd_loss(hs, ht, weight, cfg).item() * ids.numel()
+        total += kd_loss(hs, ht, weight, cfg).item() * ids.numel()
         count += ids.numel()
     return total / count
 
 
-@register("clp", recovery={"scope": "endpoints"})
+@register("clp", config=CLPConfig, shared=("amp",), recovery={"scope": "endpoints"})
 def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
            config: CLPConfig | None = None) -> Selection:
     budget = budget or Budget()
@@ -174,7 +174,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
             mask = segment_gates(a, n_prune, n, t)
             with autocast(device, cfg.amp), gated(model, mask):
                 hs = final_hidden(model, ids)
-            loss = _kd_loss(hs, ht, weight, cfg)
+            loss = kd_loss(hs, ht, weight, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

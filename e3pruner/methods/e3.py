@@ -19,22 +19,19 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from e3pruner.amp import autocast
+from e3pruner.data import batch_at
 from e3pruner.distributed import SINGLE, DistContext
-from e3pruner.gates import gated
-from e3pruner.hidden import (
-    final_hidden,
-    replace_layer_input,
-    student_and_teacher_hidden,
-)
+from e3pruner.losses import kd_from_hidden
 from e3pruner.methods.base import Budget, PruneData, Selection, check_n_prune, register
-from e3pruner.models.families import decoder_layers, final_norm, lm_head
+from e3pruner.models.activations import hidden_from, layer_inputs
+from e3pruner.models.families import decoder_layers, lm_head
+from e3pruner.models.teacher_prefix import student_and_teacher_hidden
 from e3pruner.train import (
     Checkpointer,
     MetricsLog,
-    autocast,
     check_finite,
     exp_anneal,
-    head_input,
     rng_state,
     set_rng_state,
 )
@@ -68,13 +65,6 @@ class E3Config:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
 
-def _kd(hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor, amp: str | None = None, **kw):
-    from e3kernels import fused_linear_kd_loss
-
-    return fused_linear_kd_loss(head_input(hs.reshape(-1, hs.shape[-1]), amp), weight,
-                                head_input(ht.reshape(-1, ht.shape[-1]), amp), weight, **kw)
-
-
 @torch.no_grad()
 def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool = True,
                 dist: DistContext = SINGLE):
@@ -84,8 +74,7 @@ def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool 
     l+1..L-1 from the recorded input of l (half the teacher cost on average). Under
     torchrun each rank takes every world_size-th micro-batch and the sums are reduced.
     """
-    layers = decoder_layers(model)
-    n = len(layers)
+    n = len(decoder_layers(model))
     device = next(model.parameters()).device
     weight = lm_head(model).weight
     kl_sum = torch.zeros(n, dtype=torch.float64)
@@ -95,25 +84,10 @@ def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool 
     bar = tqdm(total=n * len(mine), desc="init: skip-one KL", disable=not progress, leave=False)
     for i in mine:
         ids = calib[i:i + batch_size].to(device)
-        inputs: dict[int, torch.Tensor] = {}
-        handles = [layer.register_forward_pre_hook(
-            lambda _m, a, k, idx=idx, box=inputs: box.__setitem__(idx, a[0] if a else k["hidden_states"]),
-            with_kwargs=True) for idx, layer in enumerate(layers)]
-        try:
-            with gated(model, None):
-                ht = final_hidden(model, ids)
-        finally:
-            for h in handles:
-                h.remove()
+        inputs, ht = layer_inputs(model, ids)
         for idx in range(n):
-            if idx == n - 1:
-                hs = final_norm(model)(inputs[idx])
-            else:
-                mask = torch.ones(n, device=device)
-                mask[: idx + 1] = 0
-                with gated(model, mask), replace_layer_input(model, idx + 1, inputs[idx]):
-                    hs = final_hidden(model, ids)
-            out = _kd(hs, ht, weight, weighting="none", reduction="none")
+            hs = hidden_from(model, ids, idx + 1, inputs[idx])
+            out = kd_from_hidden(hs, weight, ht, weighting="none", reduction="none")
             kl_sum[idx] += out.kl.double().sum().cpu()
             bar.update(1)
         count += ids.numel()
@@ -145,21 +119,6 @@ def curriculum_pruned(step: int, total: int, n_prune: int, frac: float) -> int:
     if step >= ramp or n_prune <= 1:
         return n_prune
     return 1 + int((n_prune - 1) * step / ramp)
-
-
-def batch_rows(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
-    """Block indices [batch_size] of a step's batch (cycling over the free blocks), so the
-    data of every step is fixed by the step number and resume is exact."""
-    free = len(data.blocks) - data.train_start
-    if free < batch_size:
-        raise ValueError(f"need at least {batch_size} free blocks, have {free}")
-    start = data.train_start + (step % (free // batch_size)) * batch_size
-    return data.blocks.order[start:start + batch_size]
-
-
-def batch_at(data: PruneData, step: int, batch_size: int) -> torch.Tensor:
-    """The [batch_size, block_len] tokens of a step's batch (see batch_rows)."""
-    return data.blocks.blocks[batch_rows(data, step, batch_size)]
 
 
 def plackett_luce_log_prob(alpha: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -202,8 +161,8 @@ def _score_function_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, se
         mask = torch.zeros(rows, n, device=alpha.device).scatter_(1, order, 1.0)
         with autocast(alpha.device, cfg.amp):
             hs, ht = student_and_teacher_hidden(model, dist.shard(ids), dist.shard(mask))
-        out = _kd(hs, ht, weight, cfg.amp, weighting=cfg.weighting, temperature=cfg.temperature,
-                  reduction="none")
+        out = kd_from_hidden(hs, weight, ht, amp=cfg.amp, weighting=cfg.weighting,
+                             temperature=cfg.temperature, reduction="none")
         per_row = dist.all_gather_cat(out.loss.reshape(hs.shape[0], -1).float().mean(1))
         baseline = (per_row.sum() - per_row) / (rows - 1)
         adv = per_row - baseline
@@ -221,16 +180,86 @@ def keep_probabilities(alpha: torch.Tensor, k: int, samples: int, seed: int, off
     return gumbel_topk(rows, k, tau=1.0, seed=seed, offset=offset).float().mean(0)
 
 
-@register("e3")
-def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
-           config: E3Config | None = None) -> Selection:
+def _init_alpha(model, data: PruneData, cfg: E3Config, budget: Budget):
+    """(initial logits [L], skip-one KL [L] or None) for cfg.init."""
+    if cfg.init == "kl":
+        init_kl = skip_one_kl(model, data.calib, budget.batch_size, budget.progress, budget.dist)
+        return init_logits(init_kl, cfg.init_scale), init_kl
+    if cfg.init == "zeros":
+        return torch.zeros(len(decoder_layers(model))), None
+    raise ValueError(f"init must be 'kl' or 'zeros', got {cfg.init!r}")
+
+
+def _start_search(model, data: PruneData, cfg: E3Config, budget: Budget, ckpt: Checkpointer,
+                  log: MetricsLog, device):
+    """(alpha, optimizer, first step, init KL): resumed from the checkpoint, else fresh."""
+    state = ckpt.load() if budget.resume else None
+    if state is not None:
+        alpha = torch.nn.Parameter(state["alpha"].to(device))
+        opt = _optimizer(alpha, cfg)
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        log.truncate_after(state["step"] - 1)
+        return alpha, opt, state["step"], state["init_kl"]
+    alpha0, init_kl = _init_alpha(model, data, cfg, budget)
+    alpha = torch.nn.Parameter(alpha0.to(device))
+    log.clear_phase()
+    log.write({"step": -1, "init_kl": None if init_kl is None else init_kl.tolist(),
+               "alpha": alpha.detach().cpu().tolist()})
+    return alpha, _optimizer(alpha, cfg), 0, init_kl
+
+
+def _straight_through_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, tau: float,
+                           seed: int, offset: int, dist: DistContext = SINGLE):
+    """One step of the straight-through estimator: (mask, mean KD loss)."""
     from e3kernels import gumbel_topk
 
+    n = alpha.numel()
+    rows = ids.shape[0] if cfg.per_sample else 1
+    m = gumbel_topk(alpha[None].expand(rows, n), k, tau=tau, seed=seed, offset=offset)
+    mask = dist.shard(m) if cfg.per_sample else m[0]
+    with autocast(alpha.device, cfg.amp):
+        hs, ht = student_and_teacher_hidden(model, dist.shard(ids), mask)
+    out = kd_from_hidden(hs, weight, ht, amp=cfg.amp, weighting=cfg.weighting,
+                         temperature=cfg.temperature)
+    out.loss.backward()
+    dist.average_grads_([alpha])
+    return m, dist.all_reduce_sum_(out.loss.detach().reshape(1)).item() / dist.world_size
+
+
+def _search_step(model, data: PruneData, alpha, opt, step: int, steps: int, n_prune: int,
+                 weight, cfg: E3Config, budget: Budget) -> dict:
+    """One mask-search update of alpha; returns the step's metrics record."""
+    n = alpha.numel()
+    n_t = curriculum_pruned(step, steps, n_prune, cfg.curriculum)
+    tau = exp_anneal(step, steps, cfg.tau_start, cfg.tau_end)
+    ids = batch_at(data, step, budget.batch_size).to(alpha.device)
+    opt.zero_grad(set_to_none=True)
+    step_fn = _score_function_step if cfg.estimator == "score" else _straight_through_step
+    extra = {} if cfg.estimator == "score" else {"tau": tau}
+    m, loss = step_fn(model, ids, alpha, n - n_t, weight, cfg, seed=budget.seed, offset=step,
+                      dist=budget.dist, **extra)
+    hint = "Try --dtype float32, --amp none or a lower --search-lr."
+    check_finite(loss, "mask search (KD loss)", step, hint)
+    check_finite(float(alpha.grad.norm()), "mask search (gradient)", step, hint)
+    if cfg.optimizer == "nsgd":
+        alpha.grad /= alpha.grad.norm().clamp_min(1e-12)
+    opt.step()
+    probs = keep_probabilities(alpha, n - n_prune, cfg.mc_samples, seed=budget.seed + 7919,
+                               offset=step)
+    return {"step": step, "tokens": (step + 1) * budget.batch_size * data.blocks.block_len,
+            "loss": loss, "tau": tau, "n_pruned": n_t,
+            "mask": [int(x) for x in (m.detach().float().mean(0) > 0.5)],
+            "alpha": alpha.detach().cpu().tolist(), "keep_prob": probs.cpu().tolist()}
+
+
+@register("e3", config=E3Config, shared=("weighting", "amp"))
+def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
+           config: E3Config | None = None) -> Selection:
     budget = budget or Budget()
     cfg = config or E3Config()
     cfg.validate()
-    layers = decoder_layers(model)
-    n = len(layers)
+    n = len(decoder_layers(model))
     check_n_prune(n_prune, n)
     dist = budget.dist
     dist.check_divides(budget.batch_size, "batch_size")
@@ -240,7 +269,6 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     tokens_per_step = budget.batch_size * data.blocks.block_len
     steps = max(1, budget.search_tokens // tokens_per_step)
     weight = lm_head(model).weight
-
     run = budget.run_dir
     ckpt = Checkpointer(f"{run}/search_ckpt.pt" if run else None, budget.checkpoint_every,
                         write=dist.is_main)
@@ -249,69 +277,15 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-
-    state = ckpt.load() if budget.resume else None
-    if state is not None:
-        alpha = torch.nn.Parameter(state["alpha"].to(device))
-        init_kl = state["init_kl"]
-        opt = _optimizer(alpha, cfg)
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        set_rng_state(state["rng"])
-        log.truncate_after(start - 1)
-    else:
-        if cfg.init == "kl":
-            init_kl = skip_one_kl(model, data.calib, budget.batch_size, budget.progress, dist)
-            alpha0 = init_logits(init_kl, cfg.init_scale)
-        elif cfg.init == "zeros":
-            init_kl = None
-            alpha0 = torch.zeros(n)
-        else:
-            raise ValueError(f"init must be 'kl' or 'zeros', got {cfg.init!r}")
-        alpha = torch.nn.Parameter(alpha0.to(device))
-        opt = _optimizer(alpha, cfg)
-        start = 0
-        log.clear_phase()
-        log.write({"step": -1, "init_kl": None if init_kl is None else init_kl.tolist(),
-                   "alpha": alpha.detach().cpu().tolist()})
-
+    alpha, opt, start, init_kl = _start_search(model, data, cfg, budget, ckpt, log, device)
     bar = tqdm(total=steps, initial=start, desc="e3 mask search", unit="step",
                disable=not (budget.progress and dist.is_main))
     try:
         for step in range(start, steps):
-            n_t = curriculum_pruned(step, steps, n_prune, cfg.curriculum)
-            tau = exp_anneal(step, steps, cfg.tau_start, cfg.tau_end)
-            ids = batch_at(data, step, budget.batch_size).to(device)
-            opt.zero_grad(set_to_none=True)
-            if cfg.estimator == "score":
-                m, loss = _score_function_step(model, ids, alpha, n - n_t, weight, cfg,
-                                               seed=budget.seed, offset=step, dist=dist)
-            else:
-                rows = ids.shape[0] if cfg.per_sample else 1
-                m = gumbel_topk(alpha[None].expand(rows, n), n - n_t, tau=tau,
-                                seed=budget.seed, offset=step)
-                mask = dist.shard(m) if cfg.per_sample else m[0]
-                with autocast(device, cfg.amp):
-                    hs, ht = student_and_teacher_hidden(model, dist.shard(ids), mask)
-                out = _kd(hs, ht, weight, cfg.amp, weighting=cfg.weighting,
-                          temperature=cfg.temperature)
-                out.loss.backward()
-                dist.average_grads_([alpha])
-                loss = dist.all_reduce_sum_(out.loss.detach().reshape(1)).item() / dist.world_size
-            hint = "Try --dtype float32, --amp none or a lower --search-lr."
-            check_finite(loss, "mask search (KD loss)", step, hint)
-            check_finite(float(alpha.grad.norm()), "mask search (gradient)", step, hint)
-            if cfg.optimizer == "nsgd":
-                alpha.grad /= alpha.grad.norm().clamp_min(1e-12)
-            opt.step()
-            probs = keep_probabilities(alpha, n - n_prune, cfg.mc_samples,
-                                       seed=budget.seed + 7919, offset=step)
-            rec = {"step": step, "tokens": (step + 1) * tokens_per_step,
-                   "loss": loss, "tau": tau, "n_pruned": n_t,
-                   "mask": [int(x) for x in (m.detach().float().mean(0) > 0.5)],
-                   "alpha": alpha.detach().cpu().tolist(), "keep_prob": probs.cpu().tolist()}
+            rec = _search_step(model, data, alpha, opt, step, steps, n_prune, weight, cfg, budget)
             log.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tau=f"{tau:.2f}", pruned=n_t)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tau=f"{rec['tau']:.2f}",
+                            pruned=rec["n_pruned"])
             bar.update(1)
             if ckpt.due(step + 1, last=step + 1 == steps):
                 ckpt.save({"step": step + 1, "alpha": alpha.detach().cpu(),

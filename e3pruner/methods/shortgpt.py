@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from e3pruner.gates import gated
-from e3pruner.hidden import final_hidden
 from e3pruner.methods.base import (
     Budget,
     PruneData,
@@ -16,7 +14,9 @@ from e3pruner.methods.base import (
     keep_lowest_removed,
     register,
 )
+from e3pruner.models.activations import final_hidden, on_inputs, on_outputs
 from e3pruner.models.families import decoder_layers
+from e3pruner.models.gates import gated
 
 
 @torch.no_grad()
@@ -26,28 +26,20 @@ def block_influence(model, calib: torch.Tensor, batch_size: int = 4) -> torch.Te
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
     current: dict[int, torch.Tensor] = {}
-    handles = []
-    for idx, layer in enumerate(layers):
-        def pre(_m, args, kwargs, idx=idx):
-            current[idx] = (args[0] if args else kwargs["hidden_states"]).float()
 
-        def post(_m, _args, _kwargs, out, idx=idx):
-            h_out = (out[0] if isinstance(out, tuple) else out).float()
-            cos = torch.nn.functional.cosine_similarity(current.pop(idx), h_out, dim=-1)
-            sums[idx] += (1 - cos.clamp(-1, 1)).double().sum().cpu()
+    def grab_input(idx, h):
+        current[idx] = h.float()
 
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(layer.register_forward_hook(post, with_kwargs=True))
+    def add_influence(idx, h_out):
+        cos = torch.nn.functional.cosine_similarity(current.pop(idx), h_out.float(), dim=-1)
+        sums[idx] += (1 - cos.clamp(-1, 1)).double().sum().cpu()
+
     device = next(model.parameters()).device
-    try:
-        with gated(model, None):
-            for i in range(0, calib.shape[0], batch_size):
-                ids = calib[i:i + batch_size].to(device)
-                final_hidden(model, ids)
-                count += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    with on_inputs(layers, grab_input), on_outputs(layers, add_influence), gated(model, None):
+        for i in range(0, calib.shape[0], batch_size):
+            ids = calib[i:i + batch_size].to(device)
+            final_hidden(model, ids)
+            count += ids.numel()
     return (sums / count).float()
 
 

@@ -4,7 +4,7 @@ Elimination of Transformer Blocks"): greedy layer removal by calibration NLL.
     R_0 = {}
     R_r = R_{r-1} + {argmin_{c not in R_{r-1}} NLL(model without R_{r-1} + {c})},  r = 1..n
 
-with NLL the mean per-token calibration loss (see ppl.py). Layers are removed through the
+with NLL the mean per-token calibration loss (losses.lm_nll). Layers are removed through the
 gates (no weight copy). Cost per round and calibration batch: one forward of the current
 model recording every layer's input, then for each candidate c a forward of layers
 c+1..L-1 only, restarted from the recorded input of c (the layers before c are unchanged
@@ -28,7 +28,8 @@ from e3pruner.methods.base import (
     preserved_model_state,
     register,
 )
-from e3pruner.methods.ppl import hidden_from, layer_inputs, lm_nll
+from e3pruner.losses import lm_nll
+from e3pruner.models.activations import hidden_from, layer_inputs
 from e3pruner.models.families import decoder_layers
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from e3pruner.gates import gated
-from e3pruner.hidden import final_hidden
 from e3pruner.methods.base import (
     Budget,
     PruneData,
@@ -29,8 +27,10 @@ from e3pruner.methods.base import (
     preserved_model_state,
     register,
 )
-from e3pruner.methods.ppl import lm_nll
+from e3pruner.losses import lm_nll
+from e3pruner.models.activations import final_hidden
 from e3pruner.models.families import decoder_layers
+from e3pruner.models.gates import gated
 
 
 def taylor_importance(model, calib: torch.Tensor, batch_size: int = 4) -> torch.Tensor:

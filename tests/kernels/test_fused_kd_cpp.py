@@ -1,31 +1,35 @@
-"""C++ CPU fused linear KD kernel (e3kernels._C.fused_kd_forward / fused_kd_backward).
+"""C++ specifics of the fused linear KD kernel: e3kernels._C.fused_kd_forward / fused_kd_backward
+called directly (raw outputs: grad_ws stays fp32), at every ISA level this CPU runs, on both
+GEMM routes (bf16 brgemm / fp32), across thread counts, on non-contiguous inputs, and their
+bad-input messages. The cases shared with Triton are in test_fused_kd.py.
 
-Ground truth is `e3kernels.reference.fused_linear_kd_ref` on fp64 copies of the inputs (autograd
-for the gradients). A case passes when, for every output,
+Accuracy: the rule of `e3kernels.testing` with `ulp_floor`, 2 ulp of the output dtype:
 
-    max|ours - truth| <= 2 * max|ref_at_input_dtype - truth| + floor
+    max|ours - truth| <= 2 max|ref - truth| + 2 ulp(dtype) max(1, max|truth|)
+    (fp32 2^-22, bf16 2^-7, fp16 2^-10: the rounding of the final fp32 value to the output dtype)
 
-where `ref_at_input_dtype` is the same reference run on the original inputs (fp32 compute for
-fp32 / bf16 / fp16 inputs, autograd gradients in the input dtype) and
-floor = 2 ulp of the output dtype at the output's scale (fp32: 2^-22 * max(1, max|truth|);
-bf16 / fp16 outputs: 2^-7 / 2^-10 times the same scale), which covers rounding the final fp32
-value to the output dtype. Inputs are fresh random values (never zeros); all sizes are odd or
-not multiples of the kernel's tiles (256 tokens x 256 vocab rows).
-
-The module must FAIL (not skip) when the extension lacks the ops.
+Inputs are `e3kernels.testing.kd_case`: fresh random values (never zeros), sizes odd or not
+multiples of the kernel's tiles (256 tokens x 256 vocab rows). The module must FAIL (not skip)
+when the extension lacks the ops.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
 
 from e3kernels.dispatch import cpp_extension, cpp_import_error
-from e3kernels.reference import fused_linear_kd_ref
-
-IGNORE = -100
+from e3kernels.testing import (
+    IGNORE_INDEX,
+    assert_kd_accurate,
+    assert_masked_outputs_zero,
+    kd_case,
+    reference_outputs,
+    ulp_floor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,185 +41,107 @@ def C():
     return ext
 
 
-def _inputs(N, Vs, Vt, Ds, Dt, dtype, seed, ignore_frac=0.25, labels=True, V=None):
-    g = torch.Generator().manual_seed(seed)
-    V = V or min(Vs, Vt)
-    # Logit scale ~3 so that the softmaxes are neither flat nor one-hot.
-    hs = torch.randn(N, Ds, generator=g)
-    ws = torch.randn(Vs, Ds, generator=g) * (3.0 / math.sqrt(Ds))
-    ht = torch.randn(N, Dt, generator=g) + 0.3
-    wt = torch.randn(Vt, Dt, generator=g) * (3.0 / math.sqrt(Dt))
-    lab = None
-    if labels:
-        lab = torch.randint(0, V, (N,), generator=g)
-        lab[torch.rand(N, generator=g) < ignore_frac] = IGNORE
-    cast = lambda x: x.to(dtype)
-    return cast(hs), cast(ws), cast(ht), cast(wt), lab
+def _case(name, n, v, ds, dt, *, ignore_every=4, **kw):
+    """`kd_case` seeded by the case name; every 4th label ignored unless told otherwise."""
+    return kd_case(n, v, ds, dt, seed=zlib.crc32(name.encode()), ignore_every=ignore_every,
+                   name=name, **kw)
 
 
-def _ref_outputs(hs, ws, ht, wt, lab, *, T, reverse, V, ce, gkl, gce, dtype):
-    """Reference forward outputs and gradients (hs, ws) with all tensors cast to `dtype`."""
-    hs_ = hs.detach().to(dtype).requires_grad_()
-    ws_ = ws.detach().to(dtype).requires_grad_()
-    out = fused_linear_kd_ref(hs_, ws_, ht.to(dtype), wt.to(dtype), lab, temperature=T,
-                              kl="reverse" if reverse else "forward", ignore_index=IGNORE,
-                              vocab_size=V, compute_ce=ce)
-    cd = out.kl.dtype
-    loss = (out.kl * gkl.to(cd)).sum()
-    if ce:
-        loss = loss + (out.ce * gce.to(cd)).sum()
-    loss.backward()
-    zs1 = hs_.detach().to(cd) @ ws_.detach()[:V].to(cd).T
-    fwd = {"kl": out.kl, "teacher_entropy": out.teacher_entropy, "student_lse": out.student_lse,
-           "teacher_lse": out.teacher_lse}
-    if ce:
-        fwd["ce"] = out.ce
-        fwd["student_lse_t1"] = torch.logsumexp(zs1, dim=-1)
-    return {k: v.detach() for k, v in fwd.items()}, hs_.grad, ws_.grad
+def _labels(case):
+    return case.labels if case.labels is not None else torch.empty(0, dtype=torch.long)
 
 
-_ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-def _check(name, ours, ref_lp, truth):
-    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
-    ours_d, ref_d, truth_d = ours.double(), ref_lp.double(), truth.double()
-    assert torch.isfinite(ours_d).all(), f"{name}: non-finite values"
-    err = (ours_d - truth_d).abs().max().item() if truth.numel() else 0.0
-    err_ref = (ref_d - truth_d).abs().max().item() if truth.numel() else 0.0
-    scale = max(1.0, truth_d.abs().max().item() if truth.numel() else 1.0)
-    floor = 2 * _ULP[ours.dtype] * scale
-    assert err <= 2 * err_ref + floor, (
-        f"{name}: max err {err:.3e} > 2 x reference-at-input-dtype err {err_ref:.3e} "
-        f"+ floor {floor:.1e} (scale {scale:.3g})")
-
-
-def _run_case(C, *, N, Vs, Vt, Ds, Dt, V=None, T=1.0, reverse=False, ce=False, dtype=torch.float32,
-              labels=True, ignore_frac=0.25, need_grad_ws=True, seed=0, inputs=None):
-    V = V or min(Vs, Vt)
-    hs, ws, ht, wt, lab = inputs or _inputs(N, Vs, Vt, Ds, Dt, dtype, seed, ignore_frac, labels, V)
-    g = torch.Generator().manual_seed(seed + 1)
-    gkl = torch.rand(N, generator=g) + 0.5
-    gce = torch.randn(N, generator=g) if ce else torch.empty(0)
-    lab_arg = lab if lab is not None else torch.empty(0, dtype=torch.long)
-
-    out = C.fused_kd_forward(hs, ws, ht, wt, lab_arg, 1.0 / T, reverse, IGNORE, V, ce)
-    kl, ent, lse_s, lse_t, ce_o, lse1 = out
+def _direct_outputs(C, case, need_grad_ws):
+    """_C.fused_kd_forward, then _C.fused_kd_backward with the case's upstream gradients;
+    checks the shapes and dtypes of the raw outputs."""
+    n = case.hs.shape[0]
+    settings = (1.0 / case.temperature, case.kl == "reverse", IGNORE_INDEX, case.vocab_size)
+    inputs = (case.hs, case.ws, case.ht, case.wt, _labels(case))
+    kl, ent, lse_s, lse_t, ce, lse_t1 = C.fused_kd_forward(*inputs, *settings, case.compute_ce)
     for t in (kl, ent, lse_s, lse_t):
-        assert t.dtype == torch.float32 and t.shape == (N,)
-    if ce:
-        assert ce_o.shape == (N,) and lse1.shape == (N,)
-    else:
-        assert ce_o.numel() == 0 and lse1.numel() == 0
-    grads = C.fused_kd_backward(gkl, gce, hs, ws, ht, wt, lab_arg, lse_s, lse_t, kl, lse1, 1.0 / T,
-                                reverse, IGNORE, V, need_grad_ws)
-    g_hs, g_ws = grads
-    assert g_hs.dtype == hs.dtype and g_hs.shape == hs.shape
+        assert t.dtype == torch.float32 and t.shape == (n,)
+    with_ce = n if case.compute_ce else 0
+    assert ce.shape == (with_ce,) and lse_t1.shape == (with_ce,)
+    grad_ce = case.grad_ce if case.compute_ce else torch.empty(0)
+    g_hs, g_ws = C.fused_kd_backward(case.grad_kl, grad_ce, *inputs, lse_s, lse_t, kl, lse_t1,
+                                     *settings, need_grad_ws)
+    assert g_hs.dtype == case.hs.dtype and g_hs.shape == case.hs.shape
     if need_grad_ws:
-        assert g_ws.dtype == torch.float32 and g_ws.shape == ws.shape
-        assert (g_ws[V:] == 0).all(), "padded head rows must get zero gradient"
+        assert g_ws.dtype == torch.float32 and g_ws.shape == case.ws.shape
     else:
         assert g_ws.numel() == 0
+    return {"kl": kl, "teacher_entropy": ent, "student_lse": lse_s, "teacher_lse": lse_t,
+            "ce": ce if case.compute_ce else None,
+            "student_lse_t1": lse_t1 if case.compute_ce else None,
+            "grad_hs": g_hs, "grad_ws": g_ws if need_grad_ws else None}
 
-    kw = dict(T=T, reverse=reverse, V=V, ce=ce, gkl=gkl, gce=gce)
-    truth, th, tw = _ref_outputs(hs, ws, ht, wt, lab, dtype=torch.float64, **kw)
-    ref, rh, rw = _ref_outputs(hs, ws, ht, wt, lab, dtype=hs.dtype, **kw)
-    ours = {"kl": kl, "teacher_entropy": ent, "student_lse": lse_s, "teacher_lse": lse_t}
-    if ce:
-        ours.update(ce=ce_o, student_lse_t1=lse1)
-    for k in truth:
-        _check(k, ours[k], ref[k], truth[k])
-    _check("grad_hs", g_hs, rh, th)
-    if need_grad_ws:
-        _check("grad_ws", g_ws, rw, tw)
-    if lab is not None:
-        ign = lab == IGNORE
-        assert (kl[ign] == 0).all() and (ent[ign] == 0).all()
-        assert (g_hs[ign] == 0).all(), "ignored tokens must get zero gradient"
-        if ce:
-            assert (ce_o[ign] == 0).all()
-    return out, grads
+
+def _run_case(C, case, need_grad_ws=True):
+    ours = _direct_outputs(C, case, need_grad_ws)
+    truth = reference_outputs(case, torch.float64, need_grad_ws=need_grad_ws)
+    ref = reference_outputs(case, need_grad_ws=need_grad_ws)
+    assert_kd_accurate(ours, ref, truth, backend="_C", case=case, floor=ulp_floor)
+    assert_masked_outputs_zero(ours, backend="_C", case=case)
+
+
+def _forward_backward(C, case, inv_temperature, reverse, hs=None, ws=None):
+    """Raw forward outputs + grads with unit upstream gradients (kl and ce)."""
+    hs = case.hs if hs is None else hs
+    ws = case.ws if ws is None else ws
+    n, v = hs.shape[0], case.vocab_size
+    out = C.fused_kd_forward(hs, ws, case.ht, case.wt, case.labels, inv_temperature, reverse,
+                             IGNORE_INDEX, v, True)
+    grads = C.fused_kd_backward(torch.ones(n), torch.ones(n), hs, ws, case.ht, case.wt,
+                                case.labels, out[2], out[3], out[0], out[5], inv_temperature,
+                                reverse, IGNORE_INDEX, v, True)
+    return list(out), list(grads)
 
 
 # --------------------------------------------------------------------------------------------
 # Accuracy against fp64
 # --------------------------------------------------------------------------------------------
 CASES = [
-    # id, kwargs
-    ("N1-V1000-fwd", dict(N=1, Vs=1000, Vt=1000, Ds=63, Dt=63, labels=False)),
-    ("N37-pad-T2-fwd-ce", dict(N=37, Vs=1100, Vt=1050, V=1000, Ds=63, Dt=48, T=2.0, ce=True)),
-    ("N37-pad-T07-rev-ce", dict(N=37, Vs=1100, Vt=1050, V=1000, Ds=63, Dt=48, T=0.7,
-                                reverse=True, ce=True)),
-    ("N300-V4097-T15-fwd-ce", dict(N=300, Vs=4097, Vt=4097, Ds=63, Dt=80, T=1.5, ce=True)),
-    ("N300-V4097-rev-T1-ce", dict(N=300, Vs=4097, Vt=4100, V=4097, Ds=80, Dt=63, reverse=True,
-                                  ce=True)),
-    ("N300-V4097-rev-nogws", dict(N=300, Vs=4097, Vt=4097, Ds=63, Dt=63, T=2.0, reverse=True,
+    # id, kd_case arguments (+ need_grad_ws)
+    ("N1-V1000-fwd", dict(n=1, v=1000, ds=63, dt=63, labels=False)),
+    ("N37-pad-T2-fwd-ce", dict(n=37, v=1000, vs=1100, vt=1050, ds=63, dt=48, temperature=2.0,
+                               compute_ce=True)),
+    ("N37-pad-T07-rev-ce", dict(n=37, v=1000, vs=1100, vt=1050, ds=63, dt=48, temperature=0.7,
+                                kl="reverse", compute_ce=True)),
+    ("N300-V4097-T15-fwd-ce", dict(n=300, v=4097, ds=63, dt=80, temperature=1.5,
+                                   compute_ce=True)),
+    ("N300-V4097-rev-T1-ce", dict(n=300, v=4097, vt=4100, ds=80, dt=63, kl="reverse",
+                                  compute_ce=True)),
+    ("N300-V4097-rev-nogws", dict(n=300, v=4097, ds=63, dt=63, temperature=2.0, kl="reverse",
                                   need_grad_ws=False)),
-    ("N37-V49152-fwd-ce", dict(N=37, Vs=49152, Vt=49152, Ds=63, Dt=47, ce=True)),
-    ("bf16-N300-V4097-fwd-ce", dict(N=300, Vs=4097, Vt=4097, Ds=63, Dt=80, T=2.0, ce=True,
-                                    dtype=torch.bfloat16)),
-    ("bf16-N37-pad-rev", dict(N=37, Vs=1100, Vt=1050, V=1000, Ds=63, Dt=48, reverse=True,
+    ("N37-V49152-fwd-ce", dict(n=37, v=49152, ds=63, dt=47, compute_ce=True)),
+    ("bf16-N300-V4097-fwd-ce", dict(n=300, v=4097, ds=63, dt=80, temperature=2.0,
+                                    compute_ce=True, dtype=torch.bfloat16)),
+    ("bf16-N37-pad-rev", dict(n=37, v=1000, vs=1100, vt=1050, ds=63, dt=48, kl="reverse",
                               dtype=torch.bfloat16)),
-    ("fp16-N300-V4097-rev-ce", dict(N=300, Vs=4097, Vt=4097, Ds=63, Dt=48, T=1.5, reverse=True,
-                                    ce=True, dtype=torch.float16)),
-    ("fp16-N1-V1000-fwd-nogws", dict(N=1, Vs=1000, Vt=1000, Ds=63, Dt=63, dtype=torch.float16,
-                                     ignore_frac=0.0, need_grad_ws=False)),
+    ("fp16-N300-V4097-rev-ce", dict(n=300, v=4097, ds=63, dt=48, temperature=1.5, kl="reverse",
+                                    compute_ce=True, dtype=torch.float16)),
+    ("fp16-N1-V1000-fwd-nogws", dict(n=1, v=1000, ds=63, dt=63, dtype=torch.float16,
+                                     ignore_every=0, need_grad_ws=False)),
 ]
 
 
-@pytest.mark.parametrize("kwargs", [c[1] for c in CASES], ids=[c[0] for c in CASES])
-def test_matches_fp64_reference(C, cpu_isa, kwargs):
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_matches_fp64_reference(C, cpu_isa, name, kwargs):
     """At every ISA level this CPU runs (the multi-ISA tile loops; see test_cpu_isa.py)."""
-    _run_case(C, **kwargs)
-
-
-def test_all_ignored_is_zero_and_finite(C):
-    N, V = 37, 1000
-    hs, ws, ht, wt, _ = _inputs(N, V, V, 63, 48, torch.float32, seed=5)
-    lab = torch.full((N,), IGNORE, dtype=torch.long)
-    out = C.fused_kd_forward(hs, ws, ht, wt, lab, 0.5, False, IGNORE, V, True)
-    kl, ent, lse_s, lse_t, ce, lse1 = out
-    assert (kl == 0).all() and (ent == 0).all() and (ce == 0).all()
-    assert torch.isfinite(lse_s).all() and torch.isfinite(lse_t).all() and torch.isfinite(lse1).all()
-    g_hs, g_ws = C.fused_kd_backward(torch.ones(N), torch.ones(N), hs, ws, ht, wt, lab, lse_s, lse_t,
-                                     kl, lse1, 0.5, False, IGNORE, V, True)
-    assert (g_hs == 0).all() and (g_ws == 0).all()
-
-
-def test_teacher_neg_inf_logits(C):
-    """Teacher columns at -inf (0 log 0 = 0): finite KL / entropy / gradients that match."""
-    N, V, D = 37, 1000, 63
-    hs, ws, ht, wt, lab = _inputs(N, V, V, D, D, torch.float32, seed=7)
-    ht = ht.abs() + 0.1  # positive, so that a -inf head row gives exactly -inf logits
-    wt = wt.clone()
-    wt[::7] = -math.inf
-    _run_case(C, N=N, Vs=V, Vt=V, Ds=D, Dt=D, T=1.3, ce=True, inputs=(hs, ws, ht, wt, lab))
-
-
-def test_shared_head_and_identical_models_give_zero_kl(C):
-    N, V, D = 37, 1000, 63
-    hs, ws, _, _, _ = _inputs(N, V, V, D, D, torch.float32, seed=9, labels=False)
-    none = torch.empty(0, dtype=torch.long)
-    kl, ent, lse_s, lse_t, _, _ = C.fused_kd_forward(hs, ws, hs, ws, none, 1.0, False, IGNORE, V,
-                                                    False)
-    assert kl.abs().max() < 1e-5 and torch.equal(lse_s, lse_t)
-    g_hs, _ = C.fused_kd_backward(torch.ones(N), torch.empty(0), hs, ws, hs, ws, none, lse_s, lse_t,
-                                  kl, torch.empty(0), 1.0, False, IGNORE, V, False)
-    assert g_hs.abs().max() < 1e-5
+    kwargs = dict(kwargs)
+    need_grad_ws = kwargs.pop("need_grad_ws", True)
+    _run_case(C, _case(name, **kwargs), need_grad_ws)
 
 
 def test_thread_count_does_not_change_results(C):
-    N, V = 300, 4097
-    hs, ws, ht, wt, lab = _inputs(N, V, V, 63, 48, torch.float32, seed=11)
+    case = _case("threads", 300, 4097, 63, 48)
     before = torch.get_num_threads()
     res = []
     try:
         for nt in (1, max(2, before)):
             torch.set_num_threads(nt)
-            out = C.fused_kd_forward(hs, ws, ht, wt, lab, 0.5, True, IGNORE, V, True)
-            grads = C.fused_kd_backward(torch.ones(N), torch.ones(N), hs, ws, ht, wt, lab, out[2],
-                                        out[3], out[0], out[5], 0.5, True, IGNORE, V, True)
-            res.append(list(out) + list(grads))
+            out, grads = _forward_backward(C, case, 0.5, True)
+            res.append(out + grads)
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*res):
@@ -223,18 +149,13 @@ def test_thread_count_does_not_change_results(C):
 
 
 def test_non_contiguous_inputs(C):
-    N, V = 37, 1000
-    hs, ws, ht, wt, lab = _inputs(N, V, V, 63, 48, torch.float32, seed=17)
-    hs_nc = torch.cat([hs, hs], 1)[:, :63]          # row stride 126
-    ws_nc = ws.T.contiguous().T                     # column-major
-    a = C.fused_kd_forward(hs, ws, ht, wt, lab, 1.0, False, IGNORE, V, True)
-    b = C.fused_kd_forward(hs_nc, ws_nc, ht, wt, lab, 1.0, False, IGNORE, V, True)
+    case = _case("non-contiguous", 37, 1000, 63, 48)
+    hs_nc = torch.cat([case.hs, case.hs], 1)[:, :63]  # row stride 126
+    ws_nc = case.ws.T.contiguous().T                  # column-major
+    a, ga = _forward_backward(C, case, 1.0, False)
+    b, gb = _forward_backward(C, case, 1.0, False, hs=hs_nc, ws=ws_nc)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
-    ga = C.fused_kd_backward(torch.ones(N), torch.ones(N), hs, ws, ht, wt, lab, a[2], a[3], a[0],
-                             a[5], 1.0, False, IGNORE, V, True)
-    gb = C.fused_kd_backward(torch.ones(N), torch.ones(N), hs_nc, ws_nc, ht, wt, lab, a[2], a[3],
-                             a[0], a[5], 1.0, False, IGNORE, V, True)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
@@ -243,14 +164,8 @@ def test_non_contiguous_inputs(C):
 def test_run_to_run_bitwise_deterministic(C, dtype, Ds, seed):
     """Vocab groups are taken dynamically by the threads but merged in a fixed order (fp32
     route, and the bf16 route where the machine has it)."""
-    N, V = 300, 4097
-    hs, ws, ht, wt, lab = _inputs(N, V, V, Ds, 48, dtype, seed=seed)
-    runs = []
-    for _ in range(2):
-        out = C.fused_kd_forward(hs, ws, ht, wt, lab, 0.7, False, IGNORE, V, True)
-        grads = C.fused_kd_backward(torch.ones(N), torch.ones(N), hs, ws, ht, wt, lab, out[2],
-                                    out[3], out[0], out[5], 0.7, False, IGNORE, V, True)
-        runs.append(list(out) + list(grads))
+    case = kd_case(300, 4097, Ds, 48, dtype, seed=seed, ignore_every=4)
+    runs = [sum(_forward_backward(C, case, 0.7, False), []) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -300,21 +215,23 @@ def test_bf16_route_available_where_the_cpu_has_avx512_bf16(C):
 BF16_CASES = [
     # ragged: a last chunk of 1 token (N = 257) and a last vocab block of 1 row (V = 513),
     # Ds != Dt, T = 1 (CE shares the student softmax)
-    ("N257-V513-Ds576-Dt320-fwd-ce", dict(N=257, Vs=513, Vt=513, Ds=576, Dt=320, ce=True)),
+    ("N257-V513-Ds576-Dt320-fwd-ce", dict(n=257, v=513, ds=576, dt=320, compute_ce=True)),
     # odd Ds (K zero-padded to even), odd last chunk (255 tokens) and block (185 rows)
-    ("N511-V3001-Ds575-Dt64-rev-ce-T07", dict(N=511, Vs=3001, Vt=3001, Ds=575, Dt=64, T=0.7,
-                                              reverse=True, ce=True)),
-    ("N300-V4097-Ds63-Dt80-T2-fwd-ce", dict(N=300, Vs=4097, Vt=4097, Ds=63, Dt=80, T=2.0,
-                                            ce=True)),
-    ("N1-V1000-Ds64-Dt63-nolabels", dict(N=1, Vs=1000, Vt=1000, Ds=64, Dt=63, labels=False)),
-    ("N37-pad-rev-nogws", dict(N=37, Vs=1100, Vt=1050, V=1000, Ds=48, Dt=63, reverse=True,
+    ("N511-V3001-Ds575-Dt64-rev-ce-T07", dict(n=511, v=3001, ds=575, dt=64, temperature=0.7,
+                                              kl="reverse", compute_ce=True)),
+    ("N300-V4097-Ds63-Dt80-T2-fwd-ce", dict(n=300, v=4097, ds=63, dt=80, temperature=2.0,
+                                            compute_ce=True)),
+    ("N1-V1000-Ds64-Dt63-nolabels", dict(n=1, v=1000, ds=64, dt=63, labels=False)),
+    ("N37-pad-rev-nogws", dict(n=37, v=1000, vs=1100, vt=1050, ds=48, dt=63, kl="reverse",
                                need_grad_ws=False)),
 ]
 
 
-@pytest.mark.parametrize("kwargs", [c[1] for c in BF16_CASES], ids=[c[0] for c in BF16_CASES])
-def test_bf16_matches_fp64_reference(C, bf16_route, kwargs):
-    _run_case(C, dtype=torch.bfloat16, **kwargs)
+@pytest.mark.parametrize("name,kwargs", BF16_CASES, ids=[c[0] for c in BF16_CASES])
+def test_bf16_matches_fp64_reference(C, bf16_route, name, kwargs):
+    kwargs = dict(kwargs)
+    need_grad_ws = kwargs.pop("need_grad_ws", True)
+    _run_case(C, _case(name, dtype=torch.bfloat16, **kwargs), need_grad_ws)
 
 
 @pytest.mark.parametrize("dtypes", [
@@ -324,18 +241,16 @@ def test_bf16_matches_fp64_reference(C, bf16_route, kwargs):
 ], ids=["s-bf16-t-fp32", "s-fp32-t-bf16", "s-bf16-t-fp16"])
 def test_bf16_route_per_side(C, bf16_route, dtypes):
     s_dt, t_dt = dtypes
-    N, V, Ds, Dt = 300, 1537, 96, 80
-    hs, ws, ht, wt, lab = _inputs(N, V, V, Ds, Dt, torch.float32, seed=21)
-    inputs = (hs.to(s_dt), ws.to(s_dt), ht.to(t_dt), wt.to(t_dt), lab)
-    _run_case(C, N=N, Vs=V, Vt=V, Ds=Ds, Dt=Dt, T=1.5, ce=True, inputs=inputs)
+    _run_case(C, _case("per-side", 300, 1537, 96, 80, dtype=s_dt, teacher_dtype=t_dt,
+                       temperature=1.5, compute_ce=True))
 
 
 def test_bf16_route_off_while_onednn_is_disabled(C):
     """brgemm refuses to run with oneDNN disabled: the bf16 sides then take the fp32 route."""
     with torch.backends.mkldnn.flags(enabled=False):
         assert C.fused_kd_info()["gemm_bf16"].startswith("off"), C.fused_kd_info()
-        _run_case(C, N=37, Vs=1000, Vt=1000, Ds=64, Dt=48, T=1.5, ce=True, dtype=torch.bfloat16)
-
+        _run_case(C, _case("onednn-off", 37, 1000, 64, 48, temperature=1.5, compute_ce=True,
+                           dtype=torch.bfloat16))
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +261,7 @@ def _good(N=5, V=300, Ds=16, Dt=12):
     return dict(hs=torch.randn(N, Ds, generator=g), ws=torch.randn(V, Ds, generator=g),
                 ht=torch.randn(N, Dt, generator=g), wt=torch.randn(V, Dt, generator=g),
                 labels=torch.randint(0, V, (N,), generator=g), inv_temperature=1.0,
-                reverse=False, ignore_index=IGNORE, vocab_size=V, compute_ce=True)
+                reverse=False, ignore_index=IGNORE_INDEX, vocab_size=V, compute_ce=True)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -362,7 +277,7 @@ def _good(N=5, V=300, Ds=16, Dt=12):
     (dict(labels=torch.zeros(4, dtype=torch.long)), "labels must be \\[N\\]"),
     (dict(labels=torch.zeros(5)), "labels must be an integer tensor"),
     (dict(labels=torch.empty(0, dtype=torch.long)), "compute_ce=True needs labels"),
-    (dict(labels=torch.tensor([0, 1, 2, 300, 4])), r"labels\[3\] = 300 is outside"),
+    (dict(labels=torch.tensor([0, 1, 2, 300, 4])), r"labels\[3\] = 300"),
 ])
 def test_forward_rejects_bad_inputs(C, change, match):
     args = _good()
@@ -384,7 +299,7 @@ def test_backward_rejects_bad_inputs(C):
     N = a["hs"].shape[0]
     base = dict(grad_kl=torch.ones(N), grad_ce=torch.ones(N), hs=a["hs"], ws=a["ws"], ht=a["ht"],
                 wt=a["wt"], labels=a["labels"], student_lse=out[2], teacher_lse=out[3], kl=out[0],
-                student_lse_t1=out[5], inv_temperature=1.0, reverse=False, ignore_index=IGNORE,
+                student_lse_t1=out[5], inv_temperature=1.0, reverse=False, ignore_index=IGNORE_INDEX,
                 vocab_size=a["vocab_size"], need_grad_ws=True)
     C.fused_kd_backward(**base)  # sanity: the good call works
     for change, match in [

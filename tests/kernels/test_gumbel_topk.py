@@ -2,7 +2,8 @@
 
 The mask and the noise must be bit-identical across backends; soft values and gradients
 must match the fp64 ground truth no worse than the fp32 reference does (plus a small atol),
-and low-precision outputs within their dtype's rounding.
+and low-precision outputs within their dtype's rounding (the rule and the case generators are
+in e3kernels.testing, shared with bench/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -22,27 +23,18 @@ from e3kernels.reference import (
     gumbel_topk_ref,
     philox4x32_ref,
 )
+from e3kernels.testing import (
+    assert_gumbel_accurate,
+    gumbel_k,
+    gumbel_logits,
+    gumbel_upstream,
+)
 
 BACKENDS = ["reference", "cpp", "triton"]
 KERNELS = ["cpp", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # shapes: B not a multiple of any block, L not a power of two, L = 1, N = 1
 SHAPES = [(1, 1), (3, 7), (37, 30), (5, 64), (2, 100)]
-
-
-def _logits(b, n, dtype=torch.float32, seed=0, scale=1.5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, n, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def _k_rows(b, n, seed=0, kmax=None):
-    g = torch.Generator().manual_seed(seed + 1)
-    k = torch.randint(0, n + 1, (b,), generator=g)
-    if b >= 2:
-        k[0], k[1] = 0, n  # edge cases in every batch
-    if kmax is not None:
-        k = k.clamp_max(kmax)
-    return k
 
 
 # --------------------------------------------------------------------------------------
@@ -114,8 +106,8 @@ def test_noise_depends_on_position_only():
 @pytest.mark.parametrize("relaxation", ["softmax", "sigmoid"])
 def test_mask_identical_across_backends(dtype, relaxation):
     for i, (b, n) in enumerate(SHAPES):
-        x = _logits(b, n, dtype, seed=i)
-        k = _k_rows(b, n, seed=i)
+        x = gumbel_logits(b, n, dtype, seed=i)
+        k = gumbel_k(b, n, seed=i)
         outs = {be: gumbel_topk(x, k, tau=0.7, seed=1234 + i, offset=i, relaxation=relaxation,
                                 return_indices=True, backend=be) for be in BACKENDS}
         ref = outs["reference"]
@@ -130,7 +122,7 @@ def test_mask_identical_across_backends(dtype, relaxation):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_k_edge_cases(backend):
-    x = _logits(4, 9)
+    x = gumbel_logits(4, 9)
     m0 = gumbel_topk(x, 0, seed=1, return_soft=True, return_indices=True, backend=backend)
     assert torch.equal(m0.mask, torch.zeros_like(x)) and m0.indices.shape == (4, 0)
     assert torch.equal(m0.soft, torch.zeros_like(x))
@@ -164,7 +156,7 @@ def test_ties_broken_by_lower_index(backend):
 
 
 def test_seed_and_offset_change_the_mask():
-    x = _logits(64, 20, scale=0.3)
+    x = gumbel_logits(64, 20, scale=0.3)
     a = gumbel_topk(x, 5, seed=1, offset=0)
     assert torch.equal(a, gumbel_topk(x, 5, seed=1, offset=0))
     assert torch.equal(a, gumbel_topk(x, 5, seed=1, offset=0, backend="triton"))
@@ -228,9 +220,6 @@ def test_inclusion_frequencies_match_plackett_luce(k, backend, draws):
 # soft relaxation and gradients
 # --------------------------------------------------------------------------------------
 
-_ATOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
 def _ref_soft_grad(x, k, tau, seed, relaxation, v, compute_dtype):
     xr = x.detach().clone().requires_grad_()
     out = gumbel_topk_ref(xr, k, tau, seed, 0, relaxation, compute_dtype=compute_dtype)
@@ -253,33 +242,26 @@ def test_soft_and_grad_match_reference(backend, relaxation, dtype):
     shapes = [(37, 30), (3, 7), (2, 100)] if backend == "cpp" else [(37, 30), (3, 7)]
     kcap = None if backend == "cpp" or relaxation == "sigmoid" else 4  # interpreter: O(k^2)
     for i, (b, n) in enumerate(shapes):
-        x = _logits(b, n, dtype, seed=10 + i)
-        k = _k_rows(b, n, seed=10 + i, kmax=kcap)
+        x = gumbel_logits(b, n, dtype, seed=10 + i)
+        k = gumbel_k(b, n, seed=10 + i, kmax=kcap)
         tau = (0.7, 1.0, 2.3)[i % 3]  # 0.7, 2.3: not exact in fp32
-        v = torch.randn(b, n, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        v = gumbel_upstream(b, n, seed=i)
         s_k, g_k, m_k = _kernel_soft_grad(x, k, tau, 99 + i, relaxation, v, backend)
         s64, g64, _ = _ref_soft_grad(x.double(), k, tau, 99 + i, relaxation, v, torch.float64)
-        if dtype == torch.float64:
-            torch.testing.assert_close(s_k, s64, rtol=0, atol=_ATOL[dtype])
-            torch.testing.assert_close(g_k, g64, rtol=0, atol=_ATOL[dtype])
-            continue
-        # low precision: the same maths in fp32 on the (exactly upcast) inputs
-        s32, g32, m32 = _ref_soft_grad(x, k, tau, 99 + i, relaxation, v.float(), torch.float32)
-        assert torch.equal(m_k, m32)
-        if dtype == torch.float32:
-            err_ref_s, err_ref_g = (s32 - s64).abs().max(), (g32 - g64).abs().max()
-            assert (s_k - s64).abs().max() <= 2 * err_ref_s + _ATOL[dtype]
-            assert (g_k - g64).abs().max() <= 2 * err_ref_g + _ATOL[dtype]
-        else:  # outputs rounded to fp16/bf16: within the dtype's rounding of the fp32 values
-            eps = torch.finfo(dtype).eps
-            torch.testing.assert_close(s_k, s32, rtol=eps, atol=_ATOL[dtype])
-            torch.testing.assert_close(g_k, g32, rtol=2 * eps, atol=_ATOL[dtype])
+        ref32 = None
+        if dtype != torch.float64:  # the same maths in fp32 on the (exactly upcast) inputs
+            s32, g32, m32 = _ref_soft_grad(x, k, tau, 99 + i, relaxation, v.float(),
+                                           torch.float32)
+            assert torch.equal(m_k, m32)
+            ref32 = {"soft": s32, "grad": g32}
+        assert_gumbel_accurate({"soft": s_k, "grad": g_k}, dtype, truth={"soft": s64, "grad": g64},
+                               ref32=ref32, label=f"{backend} {relaxation} B={b} L={n}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("relaxation", ["softmax", "sigmoid"])
 def test_gradcheck_fp64_relaxed_path(backend, relaxation):
-    x = _logits(3, 6, torch.float64, seed=5).requires_grad_()
+    x = gumbel_logits(3, 6, torch.float64, seed=5).requires_grad_()
     k = torch.tensor([2, 3, 5]) if relaxation == "sigmoid" else torch.tensor([1, 2, 3])
 
     def soft(inp):
@@ -292,7 +274,7 @@ def test_gradcheck_fp64_relaxed_path(backend, relaxation):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_straight_through_gradient_is_the_soft_gradient(backend):
-    x = _logits(5, 12, seed=3).requires_grad_()
+    x = gumbel_logits(5, 12, seed=3).requires_grad_()
     v = torch.randn(5, 12)
     out = gumbel_topk(x, 4, tau=0.6, seed=8, return_soft=True, backend=backend)
     (gx_mask,) = torch.autograd.grad(out.mask, x, v, retain_graph=True)
@@ -308,8 +290,8 @@ def test_straight_through_gradient_is_the_soft_gradient(backend):
 
 @pytest.mark.parametrize("relaxation", ["softmax", "sigmoid"])
 def test_relaxation_limits(relaxation):
-    x = _logits(16, 11, torch.float64, seed=4)
-    k = _k_rows(16, 11, seed=4)
+    x = gumbel_logits(16, 11, torch.float64, seed=4)
+    k = gumbel_k(16, 11, seed=4)
     cold = gumbel_topk(x, k, tau=2e-4, seed=3, relaxation=relaxation, return_soft=True)
     torch.testing.assert_close(cold.soft, cold.mask, rtol=0, atol=1e-6)  # s -> m as tau -> 0
     if relaxation == "softmax":
@@ -330,8 +312,8 @@ def test_triton_writes_every_output(monkeypatch):
         return t.fill_(float("nan") if t.is_floating_point() else -777)
 
     monkeypatch.setattr(torch, "empty", poisoned)
-    x = _logits(37, 30, seed=6).requires_grad_()
-    k = _k_rows(37, 30, seed=6, kmax=3)
+    x = gumbel_logits(37, 30, seed=6).requires_grad_()
+    k = gumbel_k(37, 30, seed=6, kmax=3)
     for relaxation in ("softmax", "sigmoid"):
         out = gumbel_topk(x, k, seed=1, relaxation=relaxation, return_soft=True,
                           return_indices=True, backend="triton")
@@ -343,7 +325,7 @@ def test_triton_writes_every_output(monkeypatch):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_noncontiguous_and_1d_inputs(backend):
-    base = _logits(6, 40, seed=9)
+    base = gumbel_logits(6, 40, seed=9)
     x = base[:, ::2]  # row stride 40, column stride 2
     ref = gumbel_topk(x.contiguous(), 5, seed=3, backend="reference")
     assert torch.equal(gumbel_topk(x, 5, seed=3, backend=backend), ref)
@@ -377,7 +359,7 @@ def test_bad_arguments_raise_value_error(backend, kwargs, match):
     call = dict(k=2, tau=1.0, seed=0, offset=0, backend=backend)
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        gumbel_topk(_logits(3, 9), **call)
+        gumbel_topk(gumbel_logits(3, 9), **call)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -398,7 +380,7 @@ def test_bad_logits_raise_value_error(backend):
 
 
 def test_module_noise_stream_and_annealing():
-    logits = torch.nn.Parameter(_logits(1, 12, seed=2)[0])
+    logits = torch.nn.Parameter(gumbel_logits(1, 12, seed=2)[0])
     a, b = GumbelTopK(3, tau=2.0, tau_min=0.2, seed=5), GumbelTopK(3, tau=2.0, tau_min=0.2, seed=5)
     ma = [a(logits) for _ in range(4)]
     mb = [b(logits) for _ in range(4)]

@@ -26,7 +26,7 @@ from e3kernels import (
     teacher_topk,
 )
 from e3kernels.ops.fused_kd import LaunchOptions
-from e3kernels.ops.teacher_topk import GatheredLogitsFunction
+from e3kernels.ops.fused_kd.topk import GatheredLogitsFunction
 from e3kernels.reference import fused_linear_kd_ref, kd_topk_ref, teacher_topk_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:e3kernels._C has no fused_kd ops")

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from e3pruner.cli import main
-from e3pruner.export import export_pruned
+from e3pruner.models.export import export_pruned
 from tests.pruner.tiny_models import tiny_model
 
 

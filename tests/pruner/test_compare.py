@@ -63,7 +63,7 @@ def test_every_method_one_table_and_resume(tmp_path, monkeypatch):
 
     # other zero-shot settings on resume: only the zero-shot columns are evaluated again, on
     # the students restored from their final recovery checkpoints (no search, no training)
-    import e3pruner.distill as distill
+    import e3pruner.recovery.distill as distill
 
     def no_training(*_a, **_k):
         raise AssertionError("recovery trained again")

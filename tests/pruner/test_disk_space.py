@@ -9,10 +9,10 @@ import torch
 from safetensors import SafetensorError
 
 import e3pruner.disk_space as disk_space
-import e3pruner.export as export
+import e3pruner.models.export as export
 from e3pruner.cli import main
 from e3pruner.disk_space import DiskSpaceError, require_free_space
-from e3pruner.export import export_pruned
+from e3pruner.models.export import export_pruned
 from e3pruner.train import atomic_torch_save
 from tests.pruner.test_reliability import _args
 from tests.pruner.tiny_models import tiny_model, tiny_model_dir

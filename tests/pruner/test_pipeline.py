@@ -192,7 +192,7 @@ def _tiny_model_and_data(family: str, seed: int):
 
 @pytest.mark.parametrize("scope,teacher", [("endpoints", "cache"), ("full", "live"), ("lora", "live")])
 def test_recovery_scopes_and_teacher_cache(tmp_path, scope, teacher):
-    from e3pruner.distill import RecoveryConfig, endpoint_layers, make_student, recover
+    from e3pruner.recovery.distill import RecoveryConfig, endpoint_layers, make_student, recover
 
     model, data = _tiny_model_and_data("qwen2", 4)
     keep = [0, 1, 3, 5]
@@ -228,8 +228,8 @@ def np_isfinite(v: float) -> bool:
 def test_recovery_under_bf16_amp_feeds_the_head_bf16(tmp_path, teacher):
     """amp="bf16": the KD loss gets bf16 hidden states (its bf16 GEMM path), as autocast would
     give the LM head; every step's loss stays within 5% of the fp32 run's."""
-    from e3pruner.distill import RecoveryConfig, make_student, recover
-    from e3pruner.train import head_input
+    from e3pruner.recovery.distill import RecoveryConfig, make_student, recover
+    from e3pruner.amp import head_input
 
     h = torch.randn(3, 5, requires_grad=True)
     assert head_input(h, "bf16").dtype == torch.bfloat16 and head_input(h, None) is h
@@ -258,9 +258,9 @@ def test_recovery_cross_entropy_term(tmp_path):
     import torch.nn.functional as F
 
     from e3kernels import fused_linear_kd_loss
-    from e3pruner.distill import RecoveryConfig, make_student, next_token_labels, recover
-    from e3pruner.hidden import final_hidden
-    from e3pruner.methods.e3 import batch_at
+    from e3pruner.recovery.distill import RecoveryConfig, make_student, next_token_labels, recover
+    from e3pruner.models.activations import final_hidden
+    from e3pruner.data import batch_at
     from e3pruner.models.families import lm_head
 
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])

@@ -318,8 +318,8 @@ def test_bad_data_file_in_prune_names_the_flag(tmp_path, capsys):
 
 
 def test_keep_layers_and_ce_weight_checked_in_the_api():
-    from e3pruner.distill import RecoveryConfig
-    from e3pruner.export import validate_keep_layers
+    from e3pruner.recovery.distill import RecoveryConfig
+    from e3pruner.models.export import validate_keep_layers
 
     with pytest.raises(ValueError, match="integer"):
         validate_keep_layers([0.0, 2.7], 6)
@@ -330,7 +330,7 @@ def test_keep_layers_and_ce_weight_checked_in_the_api():
         RecoveryConfig(tokens=64, ce_weight=-5)
     with pytest.raises(ValueError, match="lr"):
         RecoveryConfig(tokens=64, lr=float("nan"))
-    from e3pruner.evaluate import perplexity
+    from e3pruner.eval.perplexity import perplexity
 
     with pytest.raises(ValueError, match="max_tokens"):
         perplexity(None, torch.arange(10), 4, max_tokens=-3)

@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity, zero-shot accuracy, decode throughput (HF and vLLM)."""
