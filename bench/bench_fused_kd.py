@@ -12,6 +12,10 @@ peak memory is the case's own):
   liger  Liger-Kernel's chunked distillation loss, LigerFusedLinearJSDLoss(beta=0) = forward
          KL(p_t || p_s), weight_hard_loss=0 (chunk_size=1024; torch.compile on CUDA only). If it
          is not installed or cannot run here, the JSON records why.
+  floor  the GEMM floor: the four bare N x V x D products (hs Ws^T, ht Wt^T, dz Ws, dz^T hs)
+         with torch.mm in the input dtype; each method's time is also reported as a multiple
+         of it (`<method>_over_floor`; `e3_over_floor_executed` counts the fused backward's
+         two recomputed logit GEMMs).
 All use T = 1, forward KL, no labels ignored, student head trainable (grad for hs and ws), the
 teacher frozen. Loss scalings differ (mean vs per-token normalization) but not the work.
 
@@ -67,7 +71,7 @@ CPU_CASES = [(n, v, d) for n in (1024, 4096) for v in (49152, 151936) for d in (
 CPU_QUICK = [(1024, 49152, 576)]
 CUDA_CASES = [(1024, 151936, 4096), (8192, 151936, 4096)]
 CUDA_QUICK = [(1024, 151936, 4096)]
-METHODS = ("e3", "eager", "liger")
+METHODS = ("e3", "eager", "liger", "floor")
 TARGET_CASE = (4096, 49152, 576)  # CPU target: >= 1.5x faster, >= 10x less peak memory than eager
 LIGER_CHUNK = 1024
 
@@ -144,7 +148,23 @@ def _liger_loss_fn(dev: torch.device):
                   f"weight_hard_loss=0, chunk_size={LIGER_CHUNK}, compiled={compiled})")
 
 
+def _floor_gemms(hs, ws, ht, wt, temperature):
+    """The GEMM floor: the four [N, V, D] products every method must do, bare torch.mm in
+    the input dtype, nothing else: z_s = hs Ws^T, z_t = ht Wt^T (forward), then with a dense
+    dz [N, V] (z_s stands in for it) grad_hs = dz Ws and grad_ws = dz^T hs, stored as the
+    inputs' .grad like a loss's backward would. Returns a scalar whose backward does nothing."""
+    with torch.no_grad():
+        zs = hs @ ws.T
+        zt = ht @ wt.T
+        hs.grad = zs @ ws
+        ws.grad = zs.T @ hs
+    return (zt[0, 0] + zs[0, 0]).float().requires_grad_()
+
+
 def _make_loss(method: str, dev: torch.device):
+    if method == "floor":
+        return _floor_gemms, ("bare torch.mm GEMM floor: hs Ws^T, ht Wt^T, dz Ws, dz^T hs in "
+                              "the input dtype (the work of every method; no softmax, no KL)")
     if method == "e3":
         return _e3_loss_fn(dev)
     if method == "eager":
@@ -164,6 +184,8 @@ def _estimate_peak_bytes(method: str, n: int, v: int, d: int, itemsize: int) -> 
         return 8 * n * v * 4 + grads
     if method == "liger":
         return 8 * min(n, LIGER_CHUNK) * v * 4 + 2 * grads
+    if method == "floor":
+        return 2 * n * v * itemsize + grads
     return grads + 64 * 2**20
 
 
@@ -257,6 +279,8 @@ def worker(args) -> dict:
             res["loadavg_1m_end"] = os.getloadavg()[0]
         fl = _flops(n, v, d, d)
         res["tflops_model"] = fl["model"] / res["time_s"] / 1e12
+        if args.method == "floor":
+            res["loss"] = None  # not a loss: the GEMMs only
         if args.method == "e3":
             res["tflops_executed"] = fl["executed_fused"] / res["time_s"] / 1e12
     except Exception as err:  # noqa: BLE001
@@ -379,7 +403,7 @@ def main(argv=None) -> None:
         e3 = row.get("e3", {})
         summ = {"N": n, "V": v, "D": d}
         for m in methods:
-            if m == "e3":
+            if m in ("e3", "floor"):
                 continue
             o = row.get(m, {})
             if "time_s" in e3 and "time_s" in o:
@@ -391,6 +415,17 @@ def main(argv=None) -> None:
                 summ[f"mem_beyond_grads_ratio_vs_{m}"] = (
                     o["peak_mem_beyond_grads_bytes"] / e3["peak_mem_beyond_grads_bytes"]
                     if e3["peak_mem_beyond_grads_bytes"] > 0 else math.inf)
+        fl = row.get("floor", {})
+        if "time_s" in fl:
+            # the kernel's time as a multiple of the bare GEMMs; "executed" counts the two
+            # logit GEMMs the fused backward recomputes (1.5x the floor's work for Ds = Dt)
+            ex = _flops(n, v, d, d)
+            for m in methods:
+                if m != "floor" and "time_s" in row.get(m, {}):
+                    summ[f"{m}_over_floor"] = row[m]["time_s"] / fl["time_s"]
+            if "time_s" in e3:
+                summ["e3_over_floor_executed"] = e3["time_s"] / (
+                    fl["time_s"] * ex["executed_fused"] / ex["model"])
         if dev.type == "cpu" and (n, v, d) == TARGET_CASE and "speedup_vs_eager" in summ:
             summ["target"] = {"speedup_ge_1.5": summ["speedup_vs_eager"] >= 1.5,
                               "cpu_time_ratio_ge_1.5": summ["cpu_time_ratio_vs_eager"] >= 1.5,
