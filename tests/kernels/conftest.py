@@ -26,3 +26,23 @@ def cpu_isa(request):
         yield request.param
     finally:
         ext.set_cpu_isa(prev)
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-gemm", "fp32-gemm"])
+def bf16_route(request):
+    """Runs the test with the C++ fused KD's bf16 GEMM route on (skipped where the CPU has
+    none) and off (fp32 sgemm on converted values), then restores the setting."""
+    from e3kernels.dispatch import cpp_extension
+
+    ext = cpp_extension()
+    assert ext is not None, "e3kernels._C is not built"
+    prev = ext.fused_kd_set_bf16_gemm(request.param)
+    try:
+        route = ext.fused_kd_info()["gemm_bf16"]
+        if request.param and not route.startswith("cpublas::brgemm"):
+            pytest.skip(f"no bf16 GEMM route on this machine: {route}")
+        if not request.param:
+            assert route.startswith("off"), route
+        yield request.param
+    finally:
+        ext.fused_kd_set_bf16_gemm(prev)

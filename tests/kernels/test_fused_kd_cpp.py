@@ -183,20 +183,6 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-@pytest.fixture(params=[True, False], ids=["bf16-gemm", "fp32-gemm"])
-def bf16_route(C, request):
-    prev = C.fused_kd_set_bf16_gemm(request.param)
-    try:
-        route = C.fused_kd_info()["gemm_bf16"]
-        if request.param and not route.startswith("cpublas::brgemm"):
-            pytest.skip(f"no bf16 GEMM route on this machine: {route}")
-        if not request.param:
-            assert route.startswith("off"), route
-        yield request.param
-    finally:
-        C.fused_kd_set_bf16_gemm(prev)
-
-
 def test_bf16_route_available_where_the_cpu_has_avx512_bf16(C):
     """AVX512_BF16 without AMX (e.g. Zen 4): the route must be on (AMX CPUs stay on fp32)."""
     flags = _cpu_flags()

@@ -56,24 +56,9 @@ def _assert_cast_inside_equals_cast_first(h_dt, w_dt, backend, n, v, ds, dt):
     assert torch.isfinite(g_ws).all() and g_ws.abs().sum() > 0
 
 
-@pytest.fixture(params=["bf16-gemm", "fp32-gemm"])
-def cpp_route(request):
-    ext = cpp_extension()
-    if ext is None:
-        pytest.skip("e3kernels._C is not built")
-    on = request.param == "bf16-gemm"
-    prev = ext.fused_kd_set_bf16_gemm(on)
-    try:
-        if on and not ext.fused_kd_info()["gemm_bf16"].startswith("cpublas::brgemm"):
-            pytest.skip(f"no bf16 GEMM route here: {ext.fused_kd_info()['gemm_bf16']}")
-        yield request.param
-    finally:
-        ext.fused_kd_set_bf16_gemm(prev)
-
-
 @pytest.mark.parametrize("dtypes", PAIRS, ids=IDS)
 @pytest.mark.parametrize("shape", [(37, 700, 64, 48), (300, 1537, 63, 80)], ids=["small", "ragged"])
-def test_cpp_head_cast_per_tile(cpp_route, dtypes, shape):
+def test_cpp_head_cast_per_tile(bf16_route, dtypes, shape):
     _assert_cast_inside_equals_cast_first(*dtypes, "cpp", *shape)
 
 
