@@ -34,3 +34,35 @@ def head_input(h: torch.Tensor, amp: str | None) -> torch.Tensor:
     runs its bf16 GEMM path); unchanged without amp. Differentiable."""
     dtype = amp_dtype(amp)
     return h if dtype is None or h.dtype == dtype else h.to(dtype)
+
+
+def frozen_amp_copy(model: torch.nn.Module, amp: str | None,
+                    modules: list[torch.nn.Module]) -> torch.nn.Module:
+    """A frozen copy of `model` for no-grad forwards under `autocast(amp)` whose fp32
+    `nn.Linear` weights and biases inside `modules` (e.g. the decoder layers) are stored in
+    the amp dtype, so autocast does not cast them again at every forward. Autocast casts a
+    Linear's fp32 weight by rounding to its dtype; storing the rounded weight gives the
+    same GEMM inputs, so the outputs are bit for bit those of `model` under autocast.
+    Every other parameter and buffer (norms, embeddings, head) is shared with `model`, not
+    copied. `model` itself is returned when there is nothing to cast (no amp, or no fp32
+    Linear in `modules`). The copy carries no layer gates."""
+    import copy
+
+    from e3pruner.models.gates import remove_gates
+
+    dtype = amp_dtype(amp)
+    if dtype is None:
+        return model
+    low = {}
+    for lin in (m for mod in modules for m in mod.modules() if isinstance(m, torch.nn.Linear)):
+        for t in (lin.weight, lin.bias):
+            if t is not None and t.dtype == torch.float32:
+                low[id(t)] = torch.nn.Parameter(t.detach().to(dtype), requires_grad=False)
+    if not low:
+        return model
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())
+            if id(t) not in low}
+    memo.update(low)
+    twin = copy.deepcopy(model, memo)
+    remove_gates(twin)  # (the copied gate wrappers would run the original's layers)
+    return twin.eval()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from e3pruner.amp import autocast
+from e3pruner.amp import autocast, frozen_amp_copy
 from e3pruner.data import PruneData, batch_at, batch_rows
 from e3pruner.distributed import SINGLE, DistContext
 from e3pruner.losses import flat_head_input, kd_from_hidden
@@ -186,9 +186,25 @@ def _prepare_training(student, teacher, cfg: RecoveryConfig, keep: list[int], di
         by_name = dict(student.named_parameters())
         params = [by_name[names[id(p)]] for p in params]
         names = {id(p): n for n, p in student.named_parameters()}
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95))
+    opt = adamw(params, cfg, dist)
     return student, peft_model, params, names, student_forward, no_sync, opt
+
+
+def adamw(params, cfg: RecoveryConfig, dist: DistContext) -> torch.optim.AdamW:
+    """AdamW over `params`; the fused implementation (one kernel over all tensors) where
+    torch has it for these tensors (CPU and CUDA, plain tensors: not FSDP's DTensors),
+    else the multi-tensor (foreach) one. Both compute the same update as the per-tensor
+    loop (to float rounding); the for-loop is what CPU tensors otherwise get by default."""
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    devices = {p.device.type for p in params}
+    fused = (not (dist.enabled and dist.strategy == "fsdp") and devices <= {"cpu", "cuda"}
+             and all(p.is_floating_point() for p in params))
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError):  # (a dtype/device this torch does not fuse)
+            pass
+    return torch.optim.AdamW(params, foreach=True, **kw)
 
 
 def _teacher_cache(teacher, data: PruneData, cfg: RecoveryConfig, steps: int, run_dir,
@@ -339,13 +355,15 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
 
     ws = lm_head(student).weight
     wt = lm_head(teacher).weight
+    teacher_forward = teacher if cache is not None else frozen_amp_copy(
+        teacher, cfg.amp, list(decoder_layers(teacher)))
     bar = tqdm(total=steps, initial=start, desc="recovery (KD)", unit="step",
                disable=not (progress and dist.is_main))
     loss_val = float("nan") if state is None else state.get("loss", float("nan"))
     t_start = time.time()
     for step in range(start, steps):
-        rec = _train_step(step, steps, warmup, student_forward, no_sync, teacher, data, cfg,
-                          params, opt, ws, wt, cache, device, dist)
+        rec = _train_step(step, steps, warmup, student_forward, no_sync, teacher_forward, data,
+                          cfg, params, opt, ws, wt, cache, device, dist)
         loss_val = rec["loss"]
         log.write(rec)
         elapsed = max(1e-9, time.time() - t_start)
