@@ -23,6 +23,11 @@
 // a side whose hidden states and head are both bf16 on a CPU with AVX512_BF16: its tile GEMMs
 // (logits, backward recompute, grad_hs / grad_ws) run as bf16 x bf16 -> fp32 on oneDNN's
 // brgemm micro-kernel (fp32 logits tiles; dz rounded to bf16 as a GEMM input only, fp32 sums).
+// Logit transform (Gemma softcap, Cohere / Granite logit scale), per side: each fp32 logits
+// tile r becomes y = c tanh(s r / c) (or s r) right after its GEMM, and every statistic above is
+// that of y; the backward stores dy/dr of the student tile beside it and multiplies dz by it
+// before the gradient GEMMs. With s = 1 and no cap the transform is skipped outside the tile
+// loops, so the untransformed path runs unchanged.
 // See docs/fused_kd_cpp.md.
 
 #include <ATen/Parallel.h>
@@ -39,6 +44,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -210,6 +216,13 @@ bool use_bf16_gemm(const at::Tensor& h, const at::Tensor& w) {
          bf16_gemm_off_reason().empty();
 }
 
+// One side's logit transform y = c tanh(s r / c) (softcap c) or s r; identity: s = 1, no cap.
+struct Xform {
+  double scale = 1.0;
+  std::optional<double> softcap;
+  bool identity() const { return scale == 1.0 && !softcap.has_value(); }
+};
+
 // ------------------------------------------------------------------------------------------
 // Per-row online statistics.
 // ------------------------------------------------------------------------------------------
@@ -323,6 +336,26 @@ struct Side {
   // bf16 / fp16 h), so that every route computes with the values of w.to(h.dtype).
   at::ScalarType round_to = at::kFloat;
 
+  // logit transform (xf false: identity, never called)
+  bool xf = false, cap_on = false;
+  float scale = 1.f, cap = 1.f;
+  int64_t dstride = 0;
+  std::vector<float> dbuf;  // T x [nc_max, kBlockV]: dy/dr of the last tile (backward, softcap)
+
+  void set_transform(const Xform& x, bool keep_deriv, int T, int64_t nc_max) {
+    xf = !x.identity();
+    cap_on = x.softcap.has_value();
+    scale = static_cast<float>(x.scale);
+    cap = cap_on ? static_cast<float>(*x.softcap) : 1.f;
+    if (xf && cap_on && keep_deriv) {
+      dstride = nc_max * kBlockV;
+      dbuf.resize(static_cast<size_t>(T * dstride));
+    }
+  }
+
+  // dy/dr of thread tid's last tile (softcap with keep_deriv), else nullptr (then dy/dr = scale).
+  float* deriv(int tid) { return dbuf.empty() ? nullptr : dbuf.data() + tid * dstride; }
+
   Side(const at::Tensor& h_, const at::Tensor& w_, int T, int64_t nc_max, const TileKernels& k)
       : h(h_), w(w_), bf16(use_bf16_gemm(h_, w_)), D(h.D), Kp(D + D % 2), K(k) {
     if (!bf16 && h_.scalar_type() != at::kFloat && w_.scalar_type() != h_.scalar_type()) {
@@ -383,9 +416,15 @@ struct Side {
     return wround.data() + static_cast<int64_t>(tid) * kBlockV * D;
   }
 
-  // z[nc, bv] = h_chunk w[v0 : v0 + bv]^T in fp32 (thread tid). Returns the fp32 head rows the
-  // fp32 route used (for the gradient GEMMs), nullptr on the bf16 route.
+  // z[nc, bv] = transform(h_chunk w[v0 : v0 + bv]^T) in fp32 (thread tid). Returns the fp32
+  // head rows the fp32 route used (for the gradient GEMMs), nullptr on the bf16 route.
   const float* logits(int tid, int64_t v0, int64_t bv, float* z, bool use_blas) {
+    const float* wb = raw_logits(tid, v0, bv, z, use_blas);
+    if (xf) K.transform_logits(z, nc * bv, scale, cap, cap_on, deriv(tid));
+    return wb;
+  }
+
+  const float* raw_logits(int tid, int64_t v0, int64_t bv, float* z, bool use_blas) {
     if (bf16) {
       bf16_t* bp = wpack.data() + static_cast<int64_t>(tid) * Kp * kBlockV;
       int64_t r0 = 0;
@@ -456,6 +495,14 @@ at::Tensor check_common(const at::Tensor& hs, const at::Tensor& ws, const at::Te
     lab = labels.to(at::kLong).contiguous();
   }
   return lab;
+}
+
+void check_transform(const Xform& x, const char* side, const char* fn) {
+  TORCH_CHECK_VALUE(std::isfinite(x.scale) && x.scale > 0.0, fn, ": ", side,
+                    "_scale must be finite and > 0 (1.0: no scaling), got ", x.scale);
+  TORCH_CHECK_VALUE(!x.softcap.has_value() || (std::isfinite(*x.softcap) && *x.softcap > 0.0), fn,
+                    ": ", side, "_softcap must be None (no capping) or finite and > 0, got ",
+                    x.softcap.has_value() ? *x.softcap : 0.0);
 }
 
 at::Tensor check_row_vector(const at::Tensor& x, int64_t N, const char* name, const char* fn) {
@@ -554,9 +601,11 @@ std::vector<at::Tensor> fused_kd_forward(const at::Tensor& hs, const at::Tensor&
                                          const at::Tensor& ht, const at::Tensor& wt,
                                          const at::Tensor& labels, double inv_temperature,
                                          bool reverse, int64_t ignore_index, int64_t vocab_size,
-                                         bool compute_ce) {
+                                         bool compute_ce, const Xform& xs, const Xform& xt) {
   const char* fn = "fused_kd_forward";
   at::Tensor lab = check_common(hs, ws, ht, wt, labels, inv_temperature, vocab_size, fn);
+  check_transform(xs, "student", fn);
+  check_transform(xt, "teacher", fn);
   const int64_t N = hs.size(0), V = vocab_size;
   TORCH_CHECK(!compute_ce || lab.defined() || N == 0, fn, ": compute_ce=True needs labels");
   const bool has_labels = lab.defined();
@@ -578,6 +627,8 @@ std::vector<at::Tensor> fused_kd_forward(const at::Tensor& hs, const at::Tensor&
   const int64_t nc_max = std::min(N, kChunkN);
   const TileKernels& K = tiles();
   Side S(hs, ws, T, nc_max, K), Tc(ht, wt, T, nc_max, K);
+  S.set_transform(xs, false, T, nc_max);
+  Tc.set_transform(xt, false, T, nc_max);
   std::vector<float> tiles(static_cast<size_t>(T) * 2 * nc_max * kBlockV);
   std::vector<TileRowStats> row_stats(static_cast<size_t>(T) * nc_max);
   const Groups gr = make_groups((V + kBlockV - 1) / kBlockV, T, 0);
@@ -702,6 +753,7 @@ void backward_chunk_tiles(Side& S, Side& Tc, int64_t nc, int64_t V, float inv_t,
       const float* wsb = S.logits(tid, v0, bv, zs, use_blas);
       if (need_t) Tc.logits(tid, v0, bv, zt, use_blas);
       tile_grad(zs, zt, nc, bv, v0, inv_t, coef, need_t);
+      if (S.xf) S.K.scale_grad(zs, nc * bv, S.deriv(tid), S.scale);  // d/dy -> d/dr
       // grad_hs slot of this group (+)= dz ws_blk ; grad_ws[blk] += dz^T hs_chunk
       const bool first = vb == gr.lo(g);
       if (S.bf16) {
@@ -722,9 +774,11 @@ std::vector<at::Tensor> fused_kd_backward(
     const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt, const at::Tensor& labels,
     const at::Tensor& student_lse, const at::Tensor& teacher_lse, const at::Tensor& kl,
     const at::Tensor& student_lse_t1, double inv_temperature, bool reverse, int64_t ignore_index,
-    int64_t vocab_size, bool need_grad_ws) {
+    int64_t vocab_size, bool need_grad_ws, const Xform& xs, const Xform& xt) {
   const char* fn = "fused_kd_backward";
   at::Tensor lab = check_common(hs, ws, ht, wt, labels, inv_temperature, vocab_size, fn);
+  check_transform(xs, "student", fn);
+  check_transform(xt, "teacher", fn);
   const int64_t N = hs.size(0), V = vocab_size;
   const bool has_labels = lab.defined();
   at::Tensor gkl = check_row_vector(grad_kl, N, "grad_kl", fn);
@@ -752,6 +806,8 @@ std::vector<at::Tensor> fused_kd_backward(
   const int64_t nc_max = std::min(N, kChunkN);
   const TileKernels& K = tiles();
   Side S(hs, ws, T, nc_max, K), Tc(ht, wt, T, nc_max, K);
+  S.set_transform(xs, true, T, nc_max);
+  Tc.set_transform(xt, false, T, nc_max);
   const int64_t Ds = S.D;
   Bf16Grad bg;
   if (S.bf16) bg.init(S, T, nc_max, need_grad_ws);
@@ -819,10 +875,13 @@ std::vector<at::Tensor> forward_entry(const at::Tensor& hs, const at::Tensor& ws
                                       const at::Tensor& ht, const at::Tensor& wt,
                                       const at::Tensor& labels, double inv_temperature,
                                       bool reverse, int64_t ignore_index, int64_t vocab_size,
-                                      bool compute_ce) {
+                                      bool compute_ce, double student_scale,
+                                      std::optional<double> student_softcap, double teacher_scale,
+                                      std::optional<double> teacher_softcap) {
   try {
     return fused_kd_forward(hs, ws, ht, wt, labels, inv_temperature, reverse, ignore_index,
-                            vocab_size, compute_ce);
+                            vocab_size, compute_ce, Xform{student_scale, student_softcap},
+                            Xform{teacher_scale, teacher_softcap});
   } catch (const c10::Error& e) {
     throw std::runtime_error(e.what_without_backtrace());
   }
@@ -833,11 +892,14 @@ std::vector<at::Tensor> backward_entry(
     const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt, const at::Tensor& labels,
     const at::Tensor& student_lse, const at::Tensor& teacher_lse, const at::Tensor& kl,
     const at::Tensor& student_lse_t1, double inv_temperature, bool reverse, int64_t ignore_index,
-    int64_t vocab_size, bool need_grad_ws) {
+    int64_t vocab_size, bool need_grad_ws, double student_scale,
+    std::optional<double> student_softcap, double teacher_scale,
+    std::optional<double> teacher_softcap) {
   try {
     return fused_kd_backward(grad_kl, grad_ce, hs, ws, ht, wt, labels, student_lse, teacher_lse,
                              kl, student_lse_t1, inv_temperature, reverse, ignore_index,
-                             vocab_size, need_grad_ws);
+                             vocab_size, need_grad_ws, Xform{student_scale, student_softcap},
+                             Xform{teacher_scale, teacher_softcap});
   } catch (const c10::Error& e) {
     throw std::runtime_error(e.what_without_backtrace());
   }
@@ -866,7 +928,9 @@ void register_fused_kd(pybind11::module_& m) {
         "ce, student_lse_t1], all [N] fp32 (ce and student_lse_t1 empty unless compute_ce).",
         py::arg("hs"), py::arg("ws"), py::arg("ht"), py::arg("wt"), py::arg("labels"),
         py::arg("inv_temperature"), py::arg("reverse"), py::arg("ignore_index"),
-        py::arg("vocab_size"), py::arg("compute_ce"), py::call_guard<py::gil_scoped_release>());
+        py::arg("vocab_size"), py::arg("compute_ce"), py::arg("student_scale") = 1.0,
+        py::arg("student_softcap") = py::none(), py::arg("teacher_scale") = 1.0,
+        py::arg("teacher_softcap") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("fused_kd_backward", &backward_entry,
         "Fused linear KD backward (CPU). Returns [grad_hs (dtype of hs), grad_ws fp32 [Vs, Ds] "
         "(rows >= vocab_size zero; empty unless need_grad_ws)].",
@@ -874,6 +938,8 @@ void register_fused_kd(pybind11::module_& m) {
         py::arg("wt"), py::arg("labels"), py::arg("student_lse"), py::arg("teacher_lse"),
         py::arg("kl"), py::arg("student_lse_t1"), py::arg("inv_temperature"), py::arg("reverse"),
         py::arg("ignore_index"), py::arg("vocab_size"), py::arg("need_grad_ws"),
+        py::arg("student_scale") = 1.0, py::arg("student_softcap") = py::none(),
+        py::arg("teacher_scale") = 1.0, py::arg("teacher_softcap") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_kd_info", &kernel_info, "Tile sizes and GEMM routes of the fused KD CPU kernel.");
   m.def("fused_kd_set_bf16_gemm", &set_bf16_gemm,
@@ -896,10 +962,13 @@ at::Tensor opt_or_empty(const std::optional<at::Tensor>& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(
     const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt,
     const std::optional<at::Tensor>& labels, double inv_temperature, bool reverse,
-    int64_t ignore_index, int64_t vocab_size, bool compute_ce) {
+    int64_t ignore_index, int64_t vocab_size, bool compute_ce, double student_scale,
+    std::optional<double> student_softcap, double teacher_scale,
+    std::optional<double> teacher_softcap) {
   auto r = fused_kd_forward(hs.contiguous(), ws.contiguous(), ht.contiguous(), wt.contiguous(),
                             opt_or_empty(labels), inv_temperature, reverse, ignore_index,
-                            vocab_size, compute_ce);
+                            vocab_size, compute_ce, Xform{student_scale, student_softcap},
+                            Xform{teacher_scale, teacher_softcap});
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
@@ -909,11 +978,15 @@ std::tuple<at::Tensor, at::Tensor> backward_op(
     const std::optional<at::Tensor>& labels, const at::Tensor& student_lse,
     const at::Tensor& teacher_lse, const at::Tensor& kl,
     const std::optional<at::Tensor>& student_lse_t1, double inv_temperature, bool reverse,
-    int64_t ignore_index, int64_t vocab_size, bool need_grad_ws) {
+    int64_t ignore_index, int64_t vocab_size, bool need_grad_ws, double student_scale,
+    std::optional<double> student_softcap, double teacher_scale,
+    std::optional<double> teacher_softcap) {
   auto r = fused_kd_backward(grad_kl, opt_or_empty(grad_ce), hs.contiguous(), ws.contiguous(),
                              ht.contiguous(), wt.contiguous(), opt_or_empty(labels), student_lse,
                              teacher_lse, kl, opt_or_empty(student_lse_t1), inv_temperature,
-                             reverse, ignore_index, vocab_size, need_grad_ws);
+                             reverse, ignore_index, vocab_size, need_grad_ws,
+                             Xform{student_scale, student_softcap},
+                             Xform{teacher_scale, teacher_softcap});
   return {r[0], r[1]};
 }
 }  // namespace
@@ -924,14 +997,17 @@ std::tuple<at::Tensor, at::Tensor> backward_op(
 TORCH_LIBRARY_FRAGMENT(e3kernels, m) {
   m.def(
       "fused_kd_forward(Tensor hs, Tensor ws, Tensor ht, Tensor wt, Tensor? labels, "
-      "float inv_temperature, bool reverse, int ignore_index, int vocab_size, bool compute_ce) "
+      "float inv_temperature, bool reverse, int ignore_index, int vocab_size, bool compute_ce, "
+      "float student_scale=1., float? student_softcap=None, float teacher_scale=1., "
+      "float? teacher_softcap=None) "
       "-> (Tensor kl, Tensor teacher_entropy, Tensor student_lse, Tensor teacher_lse, "
       "Tensor ce, Tensor student_lse_t1)");
   m.def(
       "fused_kd_backward(Tensor grad_kl, Tensor? grad_ce, Tensor hs, Tensor ws, Tensor ht, "
       "Tensor wt, Tensor? labels, Tensor student_lse, Tensor teacher_lse, Tensor kl, "
       "Tensor? student_lse_t1, float inv_temperature, bool reverse, int ignore_index, "
-      "int vocab_size, bool need_grad_ws) -> (Tensor grad_hs, Tensor grad_ws)");
+      "int vocab_size, bool need_grad_ws, float student_scale=1., float? student_softcap=None, "
+      "float teacher_scale=1., float? teacher_softcap=None) -> (Tensor grad_hs, Tensor grad_ws)");
 }
 
 TORCH_LIBRARY_IMPL(e3kernels, CPU, m) {

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from e3kernels.ops.fused_kd.logit_transform import logit_transforms
+
 # ======================================================================================
 # Gumbel-TopK (issue 3)
 # ======================================================================================
@@ -217,6 +219,8 @@ def fused_linear_kd_ref(
     vocab_size: int | None = None,
     compute_ce: bool = False,
     compute_dtype: torch.dtype | None = None,
+    logit_scale: float | tuple[float, float] = 1.0,
+    softcap: float | None | tuple[float | None, float | None] = None,
 ) -> FusedKDRefOutput:
     """Per-token KD statistics from hidden states and heads, materializing the logits.
 
@@ -224,11 +228,13 @@ def fused_linear_kd_ref(
     V = vocab_size if given (<= min(Vs, Vt): head rows >= V are padding and are ignored),
     else Vs, which must equal Vt.
 
-        z_s = hs ws[:V]^T / T,  z_t = ht wt[:V]^T / T
+        r_s = hs ws[:V]^T,  r_t = ht wt[:V]^T                    (raw head products)
+        y = c tanh(s r / c) (softcap c) or s r, per side           (logit_scale s, softcap c)
+        z_s = y_s / T,  z_t = y_t / T
         log p = z - logsumexp(z)
         forward KL_i = sum_v p_t (log p_t - log p_s)      reverse KL_i = sum_v p_s (log p_s - log p_t)
         H_t,i = -sum_v p_t log p_t          (0 log 0 := 0, so -inf logits are allowed)
-        ce_i  = logsumexp(T z_s) - T z_s[label_i]                    (hard labels, T = 1)
+        ce_i  = logsumexp(y_s) - y_s[label_i]                         (hard labels, T = 1)
 
     Tokens whose label == ignore_index get kl = H = ce = 0 (lse values are still computed).
     compute_dtype defaults to fp32 for low-precision inputs and to the input dtype otherwise
@@ -246,10 +252,11 @@ def fused_linear_kd_ref(
         vocab_size = vs
     if not 0 < vocab_size <= min(vs, vt):
         raise ValueError(f"vocab_size must be in [1, {min(vs, vt)}], got {vocab_size}")
+    xs, xt = logit_transforms(logit_scale, softcap)
     cd = compute_dtype or (hs.dtype if hs.dtype in (torch.float32, torch.float64) else torch.float32)
-    zs1 = hs.to(cd) @ ws[:vocab_size].to(cd).T
+    zs1 = xs.apply(hs.to(cd) @ ws[:vocab_size].to(cd).T)
     zs = zs1 / temperature
-    zt = (ht.to(cd) @ wt[:vocab_size].to(cd).T) / temperature
+    zt = xt.apply(ht.to(cd) @ wt[:vocab_size].to(cd).T) / temperature
     lse_s = torch.logsumexp(zs, dim=-1)
     lse_t = torch.logsumexp(zt, dim=-1)
     log_ps = zs - lse_s[:, None]
@@ -290,12 +297,16 @@ def teacher_topk_ref(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    logit_scale: float | tuple[float, float] = 1.0,
+    softcap: float | None | tuple[float | None, float | None] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k teacher token ids [N, k] (int64) and their log-probs [N, k] over the FULL vocab,
-    log p = z - logsumexp(z) with z = ht wt[:V]^T / T, sorted by decreasing log-prob."""
+    log p = z - logsumexp(z) with z = y / T, y = the teacher's transform (logit_scale, softcap;
+    of a pair, the teacher entry) of ht wt[:V]^T, sorted by decreasing log-prob."""
+    _, xt = logit_transforms(logit_scale, softcap)
     v = vocab_size or wt.shape[0]
     cd = compute_dtype or (ht.dtype if ht.dtype in (torch.float32, torch.float64) else torch.float32)
-    z = (ht.to(cd) @ wt[:v].to(cd).T) / temperature
+    z = xt.apply(ht.to(cd) @ wt[:v].to(cd).T) / temperature
     lp = torch.log_softmax(z, dim=-1)
     vals, ids = lp.topk(k, dim=-1)
     return ids, vals
@@ -312,6 +323,8 @@ def kd_topk_ref(
     kl: str = "forward",
     ignore_index: int = -100,
     compute_dtype: torch.dtype | None = None,
+    logit_scale: float | tuple[float, float] = 1.0,
+    softcap: float | None | tuple[float | None, float | None] = None,
 ) -> FusedKDRefOutput:
     """KD against an offline teacher cache, on the top-K support S_i = topk_ids[i] (K ids).
 
@@ -322,9 +335,12 @@ def kd_topk_ref(
     Cache entries with log-prob -inf are padding and are removed from S on both sides.
     student_lse / teacher_lse hold the normalizers on S (logsumexp of z_s[S]/T and of
     topk_logprobs/T); ce is None. Materializes the full student logits (reference only).
+    z_s is the student's transformed logit y_s (logit_scale, softcap; of a pair, the student
+    entry: the teacher's transform is already in the cache).
     """
+    xs, _ = logit_transforms(logit_scale, softcap)
     cd = compute_dtype or (hs.dtype if hs.dtype in (torch.float32, torch.float64) else torch.float32)
-    zs = (hs.to(cd) @ ws.to(cd).T).gather(1, topk_ids.long()) / temperature
+    zs = xs.apply(hs.to(cd) @ ws.to(cd).T).gather(1, topk_ids.long()) / temperature
     zs = torch.where(torch.isneginf(topk_logprobs), float("-inf"), zs)
     zt = topk_logprobs.to(cd) / temperature
     lse_s, lse_t = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)

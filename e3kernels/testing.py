@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 
 from e3kernels.ops.fused_kd import FusedKDConfig, LaunchOptions, fused_kd_stats
+from e3kernels.ops.fused_kd.logit_transform import logit_transforms
 from e3kernels.reference import fused_linear_kd_ref
 
 IGNORE_INDEX = -100
@@ -82,6 +83,8 @@ class KDCase:
     kl: str = "forward"
     compute_ce: bool = False
     name: str = ""
+    logit_scale: float | tuple[float, float] = 1.0  # the logit transform (logit_transform.py)
+    softcap: float | None | tuple[float | None, float | None] = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -95,8 +98,10 @@ class KDCase:
         dtypes = str(self.hs.dtype).removeprefix("torch.")
         if self.ht.dtype != self.hs.dtype:
             dtypes += "/" + str(self.ht.dtype).removeprefix("torch.")
+        xf = "" if self.logit_scale == 1.0 and self.softcap is None else \
+            f" scale={self.logit_scale} softcap={self.softcap}"
         return (f"{self.name or 'case'} [N={n} V={self.vocab_size} Vs={vs} Vt={vt} Ds={ds} "
-                f"Dt={dt} {dtypes} kl={self.kl} T={self.temperature} ce={self.compute_ce}]")
+                f"Dt={dt} {dtypes} kl={self.kl} T={self.temperature} ce={self.compute_ce}{xf}]")
 
 
 def kd_case(n: int, v: int, ds: int, dt: int, dtype: torch.dtype = torch.float32, *, seed: int,
@@ -149,21 +154,24 @@ def reference_outputs(case: KDCase, compute_dtype: torch.dtype | None = None, *,
     """`fused_linear_kd_ref` on the case's inputs cast to compute_dtype (torch.float64: the
     truth), or as given (None: the same-precision reference). Returns every KD_OUTPUTS entry:
     ce and student_lse_t1 = logsumexp_v(hs ws[:V]^T) None unless compute_ce, grad_ws None
-    unless need_grad_ws."""
+    unless need_grad_ws. With a logit transform, student_lse_t1 is that of the transformed
+    student logits y_s."""
     cast = (lambda t: t.to(compute_dtype)) if compute_dtype is not None else (lambda t: t)
+    xs, _ = logit_transforms(case.logit_scale, case.softcap)
     hs = cast(case.hs.detach()).requires_grad_()
     ws = cast(case.ws.detach()).requires_grad_(need_grad_ws)
     out = fused_linear_kd_ref(hs, ws, cast(case.ht), cast(case.wt), case.labels,
                               temperature=case.temperature, kl=case.kl,
                               ignore_index=IGNORE_INDEX, vocab_size=case.vocab_size,
-                              compute_ce=case.compute_ce)
+                              compute_ce=case.compute_ce, logit_scale=case.logit_scale,
+                              softcap=case.softcap)
     cd = out.kl.dtype
     loss = (out.kl * case.grad_kl.to(cd)).sum()
     lse_t1 = None
     if case.compute_ce:
         loss = loss + (out.ce * case.grad_ce.to(cd)).sum()
         with torch.no_grad():
-            lse_t1 = torch.logsumexp(hs.to(cd) @ ws[:case.vocab_size].to(cd).T, dim=-1)
+            lse_t1 = torch.logsumexp(xs.apply(hs.to(cd) @ ws[:case.vocab_size].to(cd).T), dim=-1)
     loss.backward()
     return {"kl": out.kl.detach(), "teacher_entropy": out.teacher_entropy.detach(),
             "student_lse": out.student_lse.detach(), "teacher_lse": out.teacher_lse.detach(),
@@ -178,10 +186,11 @@ def kernel_outputs(case: KDCase, backend: str, *, launch: LaunchOptions | None =
     tensor itself is passed as the teacher head (ws is wt)."""
     hs = case.hs.detach().clone().requires_grad_()
     ws = case.ws.detach().clone().requires_grad_(need_grad_ws)
+    xs, xt = logit_transforms(case.logit_scale, case.softcap)
     cfg = FusedKDConfig(inv_temperature=1.0 / case.temperature, reverse=case.kl == "reverse",
                         ignore_index=IGNORE_INDEX, vocab_size=case.vocab_size,
                         compute_ce=case.compute_ce, backend=backend,
-                        launch=launch or LaunchOptions())
+                        launch=launch or LaunchOptions(), student=xs, teacher=xt)
     st = fused_kd_stats(hs, ws, case.ht, ws if shared_head else case.wt, case.labels, cfg)
     loss = (st.kl * case.grad_kl).sum()
     if case.compute_ce:

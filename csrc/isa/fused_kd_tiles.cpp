@@ -315,6 +315,47 @@ void round_to_bf16(const float* src, int64_t lds, int64_t rows, int64_t cols, bf
   }
 }
 
+// tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2 |x|) in (0, 1] (no overflow; e = 0 for
+// |x| > 43.7, so tanh = +-1 exactly there), and 1 - tanh^2 = 4 e / (1 + e)^2 without the
+// cancellation of 1 - t * t where the cap saturates.
+template <bool DERIV>
+void softcap_logits(float* __restrict z, int64_t n, float scale, float cap,
+                    float* __restrict deriv) {
+  const float inv_cap = 1.f / cap, k = scale * inv_cap;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = z[j] * k;
+    const float e = fexp(-2.f * std::fabs(x));
+    const float inv = 1.f / (1.f + e);
+    const float t = (1.f - e) * inv;
+    z[j] = cap * (x < 0.f ? -t : t);
+    if (DERIV) deriv[j] = scale * (4.f * e * inv * inv);
+  }
+}
+
+void transform_logits(float* z, int64_t n, float scale, float cap, bool softcap, float* deriv) {
+  if (softcap) {
+    if (deriv != nullptr) {
+      softcap_logits<true>(z, n, scale, cap, deriv);
+    } else {
+      softcap_logits<false>(z, n, scale, cap, nullptr);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) z[j] *= scale;
+}
+
+void scale_grad(float* __restrict dz, int64_t n, const float* __restrict deriv, float scale) {
+  if (deriv != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dz[j] *= deriv[j];
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dz[j] *= scale;
+}
+
 }  // namespace
 
 const TileKernels& tile_kernels() {
@@ -329,6 +370,8 @@ const TileKernels& tile_kernels() {
       &pack_rows_k,
       &pack_rows_t,
       &round_to_bf16,
+      &transform_logits,
+      &scale_grad,
   };
   return k;
 }

@@ -52,6 +52,12 @@ struct TileKernels {
   // dst[i * ldd + j] = bf16(src[i * lds + j]) for j < cols; dst[i * ldd + cols] = 0 when pad.
   void (*round_to_bf16)(const float* src, int64_t lds, int64_t rows, int64_t cols, bf16_t* dst,
                         int64_t ldd, bool pad);
+  // Logit transform of n contiguous raw logits r, in place: z = cap tanh(scale r / cap) when
+  // softcap, else scale r. deriv (softcap only; may be null) gets dz/dr = scale (1 - tanh^2).
+  void (*transform_logits)(float* z, int64_t n, float scale, float cap, bool softcap,
+                           float* deriv);
+  // dz[j] *= deriv[j] (deriv non-null), else dz[j] *= scale, j < n.
+  void (*scale_grad)(float* dz, int64_t n, const float* deriv, float scale);
 };
 
 namespace isa_baseline { const TileKernels& tile_kernels(); }

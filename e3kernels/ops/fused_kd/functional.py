@@ -35,6 +35,7 @@ from torch import nn
 
 from e3kernels.dispatch import BACKENDS, resolve_backend
 from e3kernels.ops.fused_kd.cpp import has_fused_kd as cpp_has_fused_kd
+from e3kernels.ops.fused_kd.logit_transform import logit_transforms
 from e3kernels.ops.fused_kd.op import (
     SUPPORTED_DTYPES,
     FusedKDConfig,
@@ -341,22 +342,28 @@ def fused_linear_kd_loss(
     backend: str = "auto",
     launch: LaunchOptions | None = None,
     check_labels: bool = True,
+    logit_scale: float | tuple[float, float] = 1.0,
+    softcap: float | None | tuple[float | None, float | None] = None,
 ) -> KDLossOutput:
     """Entropy-weighted KD loss from hidden states and LM heads, never materializing [N, V]
     (Triton on CUDA, C++ on CPU; the "reference" backend does materialize).
 
     hs [..., Ds] student hidden states, ws [Vs, Ds] student head, ht [..., Dt] teacher hidden
     states, wt [Vt, Dt] teacher head (may be `ws` itself), labels [...] int or None.
-    Logits z_s = hs ws[:V]^T / T, z_t = ht wt[:V]^T / T with V = vocab_size (needed when
-    Vs != Vt; head rows >= V are padding), else Vs == Vt.
+    Logits z_s = y_s / T, z_t = y_t / T with V = vocab_size (needed when Vs != Vt; head rows
+    >= V are padding), else Vs == Vt, and per side y = c tanh(s r / c) (or s r without a
+    softcap) of the raw head product r = h w[:V]^T: logit_scale s (Cohere's logit_scale,
+    Granite's 1 / logits_scaling) and softcap c (Gemma 2 / 3 final_logit_softcapping), each a
+    scalar for both sides or a (student, teacher) pair; the defaults (1.0, None) are the
+    identity and give bit-identical results to the untransformed loss.
 
     kl: "forward" KL(p_t || p_s) (default) or "reverse" KL(p_s || p_t).
     weighting: see `kd_token_weights` ("none", "entropy", "normalized_entropy", "confidence",
         or a callable f(H, valid) -> w); computed from the detached teacher entropy.
     reduction: "mean" (sum_i w_i KL_i / n_valid), "sum", "none" (per token).
     t2_scale: multiply the KL term by T^2 (default True, Hinton et al.).
-    compute_ce / ce_weight: add ce_weight * CE of the hard labels on the unscaled student
-        logits (T = 1), reduced like the KL but unweighted.
+    compute_ce / ce_weight: add ce_weight * CE of the hard labels on the student logits y_s
+        (T = 1), reduced like the KL but unweighted.
     Tokens with label == ignore_index contribute 0 and get zero gradient. Gradients flow to hs
     and ws only: the teacher (ht, wt) gets none. fp16/bf16/fp32 inputs are computed with fp32
     statistics; fp64 inputs use the reference. Within a side, a head of another float dtype
@@ -370,6 +377,7 @@ def fused_linear_kd_loss(
     if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) \
             or not math.isfinite(ce_weight) or ce_weight < 0:
         raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight!r}")
+    xs, xt = logit_transforms(logit_scale, softcap)
     v = _validate(hs, ws, ht, wt, labels, vocab_size, compute_ce)
     lead = hs.shape[:-1]
     hs2, ht2 = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]).detach()
@@ -383,13 +391,15 @@ def fused_linear_kd_loss(
     hs2, ws = _NaNGradIfFlagged.apply(hs2, any_bad), _NaNGradIfFlagged.apply(ws, any_bad)
     if be == "reference" or hs2.shape[0] == 0:  # (an empty batch needs no kernel)
         ref = fused_linear_kd_ref(hs2, ws, ht2, wt_, lab, temperature=float(temperature), kl=kl,
-                                  ignore_index=ignore_index, vocab_size=v, compute_ce=compute_ce)
+                                  ignore_index=ignore_index, vocab_size=v, compute_ce=compute_ce,
+                                  logit_scale=(xs.scale, xt.scale),
+                                  softcap=(xs.softcap, xt.softcap))
         kl_i, ent, ce = ref.kl, ref.teacher_entropy, ref.ce
     else:
         cfg = FusedKDConfig(inv_temperature=1.0 / float(temperature), reverse=kl == "reverse",
                             ignore_index=int(ignore_index), vocab_size=v,
                             compute_ce=bool(compute_ce), backend=be,
-                            launch=launch or LaunchOptions())
+                            launch=launch or LaunchOptions(), student=xs, teacher=xt)
         st = fused_kd_stats(hs2, ws, ht2, wt_, lab, cfg)
         kl_i, ent, ce = st.kl, st.teacher_entropy, st.ce if compute_ce else None
     kl_i, ent, ce = _poison(kl_i, bad), _poison(ent, bad), _poison(ce, bad)
@@ -412,15 +422,20 @@ def fused_linear_kd_loss(
 
 def teacher_topk(ht: torch.Tensor, wt: torch.Tensor, k: int, *, temperature: float = 1.0,
                  vocab_size: int | None = None, block_tokens: int = 1024,
-                 block_vocab: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                 block_vocab: int = 8192, logit_scale: float | tuple[float, float] = 1.0,
+                 softcap: float | None | tuple[float | None, float | None] = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k teacher tokens for an offline cache, without an [N, V] tensor.
 
     ht [..., Dt], wt [Vt, Dt] -> (ids [..., k] int64, log-probs [..., k]) sorted by decreasing
     probability; log p = z - logsumexp over the FULL vocab (first `vocab_size` rows of wt) of
-    z = ht wt^T / T. Log-probs are fp32 (fp64 for fp64 inputs). Works tile by tile
+    z = y / T, y = c tanh(s r / c) (or s r) of r = ht wt^T: the teacher's logit_scale s and
+    softcap c (scalars, or (student, teacher) pairs of which the teacher entry is used; see
+    `fused_linear_kd_loss`). Log-probs are fp32 (fp64 for fp64 inputs). Works tile by tile
     ([block_tokens, block_vocab] logits at a time) with an online logsumexp and a running top-k
     merge. Cache at T = 1 and let the loss apply its temperature. No gradient.
     """
+    _, xt = logit_transforms(logit_scale, softcap)
     _check_float("ht", ht)
     _check_float("wt", wt)
     if ht.dim() < 2 or wt.dim() != 2 or wt.shape[1] != ht.shape[-1]:
@@ -438,7 +453,7 @@ def teacher_topk(ht: torch.Tensor, wt: torch.Tensor, k: int, *, temperature: flo
     lead = ht.shape[:-1]
     ids, lp = teacher_topk_forward(ht.reshape(-1, ht.shape[-1]).detach(), wt.detach(), k,
                                    1.0 / float(temperature), v, max(1, int(block_tokens)),
-                                   max(1, int(block_vocab)))
+                                   max(1, int(block_vocab)), xt)
     return ids.reshape(*lead, k), lp.reshape(*lead, k)
 
 
@@ -457,6 +472,8 @@ def fused_linear_kd_loss_topk(
     t2_scale: bool = True,
     weight_clip: tuple[float, float] = DEFAULT_WEIGHT_CLIP,
     max_gather_elems: int | None = None,
+    logit_scale: float | tuple[float, float] = 1.0,
+    softcap: float | None | tuple[float | None, float | None] = None,
 ) -> KDLossOutput:
     """KD loss against an offline teacher cache (`teacher_topk`): the KL on the top-K support.
 
@@ -469,8 +486,13 @@ def fused_linear_kd_loss_topk(
     (train with compute_ce-style hard labels, or a larger K, if that matters).
     Weighting, reduction, t2_scale, ignore_index: as in `fused_linear_kd_loss`; the normalized
     weightings use log K (the maximum entropy on the support).
+    logit_scale / softcap: the student's transform y_s = c tanh(s z_s / c) (or s z_s) before
+    the temperature; only the student side matters (the teacher's transform is already in the
+    cached log-probs, see `teacher_topk`): a scalar, or a (student, teacher) pair whose
+    teacher entry is validated and otherwise unused.
     """
     _check_common(temperature, kl, reduction, weighting, weight_clip)
+    xs, _ = logit_transforms(logit_scale, softcap)
     _check_float("hs", hs)
     _check_float("ws", ws)
     _check_float("topk_logprobs", topk_logprobs)
@@ -506,6 +528,8 @@ def fused_linear_kd_loss_topk(
     any_bad = bad.any()
     hs2, ws = _NaNGradIfFlagged.apply(hs2, any_bad), _NaNGradIfFlagged.apply(ws, any_bad)
     zs = GatheredLogitsFunction.apply(hs2, ws, ids, max_gather_elems or default_max_elems())
+    if not xs.is_identity:
+        zs = xs.apply(zs)
     kl_i, ent = topk_kd_per_token(zs, lp, float(temperature), kl == "reverse")
     valid = (lab != ignore_index) if lab is not None else \
         torch.ones(hs2.shape[0], dtype=torch.bool, device=hs2.device)
@@ -532,27 +556,32 @@ class FusedLinearKDLoss(nn.Module):
                  weighting: str | WeightFn = "entropy", reduction: str = "mean",
                  ignore_index: int = -100, *, vocab_size: int | None = None,
                  compute_ce: bool = False, ce_weight: float = 1.0, t2_scale: bool = True,
-                 weight_clip: tuple[float, float] = DEFAULT_WEIGHT_CLIP, backend: str = "auto"):
+                 weight_clip: tuple[float, float] = DEFAULT_WEIGHT_CLIP, backend: str = "auto",
+                 logit_scale: float | tuple[float, float] = 1.0,
+                 softcap: float | None | tuple[float | None, float | None] = None):
         super().__init__()
         _check_common(temperature, kl, reduction, weighting, weight_clip)
+        logit_transforms(logit_scale, softcap)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.temperature, self.kl, self.weighting = float(temperature), kl, weighting
         self.reduction, self.ignore_index, self.vocab_size = reduction, ignore_index, vocab_size
         self.compute_ce, self.ce_weight, self.t2_scale = compute_ce, ce_weight, t2_scale
         self.weight_clip, self.backend = tuple(weight_clip), backend
+        self.logit_scale, self.softcap = logit_scale, softcap
 
     def forward(self, hs, ws, ht, wt, labels=None) -> KDLossOutput:
         return fused_linear_kd_loss(
             hs, ws, ht, wt, labels, self.temperature, self.kl, self.weighting, self.reduction,
             self.ignore_index, vocab_size=self.vocab_size, compute_ce=self.compute_ce,
             ce_weight=self.ce_weight, t2_scale=self.t2_scale, weight_clip=self.weight_clip,
-            backend=self.backend)
+            backend=self.backend, logit_scale=self.logit_scale, softcap=self.softcap)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, kl={self.kl!r}, weighting={self.weighting!r}, "
                 f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"compute_ce={self.compute_ce}, t2_scale={self.t2_scale}, backend={self.backend!r}")
+                f"compute_ce={self.compute_ce}, t2_scale={self.t2_scale}, backend={self.backend!r}, "
+                f"logit_scale={self.logit_scale!r}, softcap={self.softcap!r}")
 
 
 __all__ = ["KDLossOutput", "FusedLinearKDLoss", "fused_linear_kd_loss",

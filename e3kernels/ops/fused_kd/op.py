@@ -6,18 +6,25 @@ Two forward/backward op pairs with one contract (docs/dispatcher_ops.md):
     e3kernels::fused_kd_forward_triton  Triton (`triton_kernels.py`, torch.library.custom_op)
 
     forward(hs [N, Ds], ws [Vs, Ds], ht [N, Dt], wt [Vt, Dt], labels [N] int | None,
-            inv_temperature, reverse, ignore_index, vocab_size, compute_ce)
+            inv_temperature, reverse, ignore_index, vocab_size, compute_ce,
+            student_scale=1., student_softcap=None, teacher_scale=1., teacher_softcap=None)
         -> (kl, teacher_entropy, student_lse, teacher_lse, ce, student_lse_t1)
            all fp32; [N] each, except ce and student_lse_t1: [0] unless compute_ce
     backward(grad_kl [N], grad_ce [N] | None, hs, ws, ht, wt, labels, student_lse, teacher_lse,
              kl, student_lse_t1 | None, inv_temperature, reverse, ignore_index, vocab_size,
-             need_grad_ws) -> (grad_hs [N, Ds] in hs.dtype, grad_ws [Vs, Ds] fp32 or [0])
+             need_grad_ws, student_scale=1., student_softcap=None, teacher_scale=1.,
+             teacher_softcap=None) -> (grad_hs [N, Ds] in hs.dtype, grad_ws [Vs, Ds] fp32 or [0])
+
+The logit transform of each side (logit_transform.py): y = c tanh(s r / c) with softcap c, else
+s r, of the raw tile r = h w^T; the statistics are those of y (KD: y / T, CE: y_s), and the
+backward multiplies d loss / d y_s by dy/dr. s = 1, softcap None runs the untransformed code.
 
 A head of another float dtype than its hidden states is cast per tile inside the kernels (the
 numbers of w.to(h.dtype), no copy of the head); the autograd formula returns grad_ws in the
 head's own dtype.
 
-The Triton ops take four more ints (block_n, block_v, block_d, num_splits; 0 = automatic).
+The Triton ops take four more ints (block_n, block_v, block_d, num_splits; 0 = automatic),
+before the four logit-transform arguments (so the forward and backward tails match).
 `register_autograd` makes kl and ce differentiable with respect to hs and ws (the teacher gets
 no gradient), so `torch.compile(fullgraph=True)` traces the loss and its backward through the
 fakes and calls the kernels as opaque nodes. `fused_kd_stats` is the one entry point.
@@ -32,6 +39,7 @@ import torch
 
 from e3kernels.dispatch import _init as _init_dispatch
 from e3kernels.ops.fused_kd import cpp
+from e3kernels.ops.fused_kd.logit_transform import IDENTITY, LogitTransform
 
 NSTAT = 7  # ms, ls, mt, lt, x, y, l1 (per-token statistics of one vocab split)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,14 +100,17 @@ def fused_kd_forward_triton_op(
         hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor,
         labels: torch.Tensor | None, inv_temperature: float, reverse: bool, ignore_index: int,
         vocab_size: int, compute_ce: bool, block_n: int = 0, block_v: int = 0, block_d: int = 0,
-        num_splits: int = 0,
+        num_splits: int = 0, student_scale: float = 1.0, student_softcap: float | None = None,
+        teacher_scale: float = 1.0, teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from e3kernels.ops.fused_kd.triton_kernels import fused_kd_forward_triton
 
     lab = labels if labels is not None else torch.empty(0, dtype=torch.int64, device=hs.device)
     return tuple(fused_kd_forward_triton(
         hs, ws, ht, wt, lab, inv_temperature, reverse, ignore_index, vocab_size, compute_ce,
-        LaunchOptions.from_ints(block_n, block_v, block_d, num_splits)))
+        LaunchOptions.from_ints(block_n, block_v, block_d, num_splits),
+        LogitTransform(student_scale, student_softcap),
+        LogitTransform(teacher_scale, teacher_softcap)))
 
 
 @torch.library.custom_op("e3kernels::fused_kd_backward_triton", mutates_args=())
@@ -109,7 +120,9 @@ def fused_kd_backward_triton_op(
         student_lse: torch.Tensor, teacher_lse: torch.Tensor, kl: torch.Tensor,
         student_lse_t1: torch.Tensor | None, inv_temperature: float, reverse: bool,
         ignore_index: int, vocab_size: int, need_grad_ws: bool, block_n: int = 0,
-        block_v: int = 0, block_d: int = 0, num_splits: int = 0,
+        block_v: int = 0, block_d: int = 0, num_splits: int = 0, student_scale: float = 1.0,
+        student_softcap: float | None = None, teacher_scale: float = 1.0,
+        teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from e3kernels.ops.fused_kd.triton_kernels import fused_kd_backward_triton
 
@@ -120,7 +133,9 @@ def fused_kd_backward_triton_op(
         student_lse, teacher_lse, kl,
         student_lse_t1 if student_lse_t1 is not None else torch.empty(0, **f32),
         inv_temperature, reverse, ignore_index, vocab_size, need_grad_ws,
-        LaunchOptions.from_ints(block_n, block_v, block_d, num_splits))
+        LaunchOptions.from_ints(block_n, block_v, block_d, num_splits),
+        LogitTransform(student_scale, student_softcap),
+        LogitTransform(teacher_scale, teacher_softcap))
     return dhs, dws
 
 
@@ -129,7 +144,7 @@ def fused_kd_backward_triton_op(
 # ======================================================================================
 
 def _forward_fake(hs, ws, ht, wt, labels, inv_temperature, reverse, ignore_index, vocab_size,
-                  compute_ce, *launch):
+                  compute_ce, *rest):
     n = hs.shape[0]
     vec = [hs.new_empty((n,), dtype=torch.float32) for _ in range(4)]
     m = n if compute_ce else 0
@@ -138,7 +153,7 @@ def _forward_fake(hs, ws, ht, wt, labels, inv_temperature, reverse, ignore_index
 
 def _backward_fake(grad_kl, grad_ce, hs, ws, ht, wt, labels, student_lse, teacher_lse, kl,
                    student_lse_t1, inv_temperature, reverse, ignore_index, vocab_size,
-                   need_grad_ws, *launch):
+                   need_grad_ws, *rest):
     gws = (ws.new_empty(ws.shape, dtype=torch.float32) if need_grad_ws
            else ws.new_empty((0,), dtype=torch.float32))
     return torch.empty_like(hs, memory_format=torch.contiguous_format), gws
@@ -149,22 +164,22 @@ def _setup_context(ctx, inputs, output):
     kl, _, lse_s, lse_t, _, lse1 = output
     ctx.save_for_backward(hs, ws, ht, wt, labels, lse_s, lse_t, kl, lse1)
     ctx.args = (float(inv_t), bool(reverse), int(ignore_index), int(vocab_size),
-                bool(compute_ce), tuple(inputs[10:]))
+                bool(compute_ce), tuple(inputs[10:]))  # the op's tail: launch ints, transforms
 
 
 def _make_backward(backward_op):
     def backward(ctx, g_kl, g_ent, g_lse_s, g_lse_t, g_ce, g_lse1):
         hs, ws, ht, wt, labels, lse_s, lse_t, kl, lse1 = ctx.saved_tensors
-        inv_t, reverse, ignore_index, vocab_size, compute_ce, launch = ctx.args
+        inv_t, reverse, ignore_index, vocab_size, compute_ce, rest = ctx.args
         g_kl = torch.zeros_like(kl) if g_kl is None else g_kl.to(torch.float32)
         use_ce = compute_ce and g_ce is not None
         need_ws = bool(ctx.needs_input_grad[1])
         dhs, dws = backward_op(g_kl, g_ce.to(torch.float32) if use_ce else None, hs, ws, ht, wt,
                                labels, lse_s, lse_t, kl, lse1 if use_ce else None, inv_t, reverse,
-                               ignore_index, vocab_size, need_ws, *launch)
+                               ignore_index, vocab_size, need_ws, *rest)
         grad_hs = dhs.to(hs.dtype) if ctx.needs_input_grad[0] else None
         grad_ws = dws.to(ws.dtype) if need_ws else None
-        return (grad_hs, grad_ws) + (None,) * (8 + len(launch))
+        return (grad_hs, grad_ws) + (None,) * (8 + len(rest))
     return backward
 
 
@@ -196,6 +211,8 @@ class FusedKDConfig:
     compute_ce: bool
     backend: str  # "triton" or "cpp"
     launch: LaunchOptions = LaunchOptions()
+    student: LogitTransform = IDENTITY
+    teacher: LogitTransform = IDENTITY
 
 
 def fused_kd_stats(hs, ws, ht, wt, labels, cfg: FusedKDConfig) -> FusedKDStats:
@@ -203,11 +220,13 @@ def fused_kd_stats(hs, ws, ht, wt, labels, cfg: FusedKDConfig) -> FusedKDStats:
     dispatcher (differentiable, traceable). Shapes are validated by the public API."""
     args = (hs, ws, ht, wt, labels, float(cfg.inv_temperature), bool(cfg.reverse),
             int(cfg.ignore_index), int(cfg.vocab_size), bool(cfg.compute_ce))
+    xf = (float(cfg.student.scale), cfg.student.softcap, float(cfg.teacher.scale),
+          cfg.teacher.softcap)
     if cfg.backend == "cpp":
         cpp.require_fused_kd()
-        out = torch.ops.e3kernels.fused_kd_forward(*args)
+        out = torch.ops.e3kernels.fused_kd_forward(*args, *xf)
     elif cfg.backend == "triton":
-        out = torch.ops.e3kernels.fused_kd_forward_triton(*args, *cfg.launch.as_ints())
+        out = torch.ops.e3kernels.fused_kd_forward_triton(*args, *cfg.launch.as_ints(), *xf)
     else:
         raise ValueError(f"fused_kd_stats backend must be 'triton' or 'cpp', got {cfg.backend!r}")
     return FusedKDStats(*out)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from e3kernels.ops.fused_kd.logit_transform import IDENTITY, LogitTransform
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -19,9 +21,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.no_grad()
 def teacher_topk_forward(ht: torch.Tensor, wt: torch.Tensor, k: int, inv_temperature: float,
                          vocab_size: int, block_tokens: int = 1024,
-                         block_vocab: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                         block_vocab: int = 8192, transform: LogitTransform = IDENTITY,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """ht [N, Dt], wt [Vt, Dt] -> (ids [N, k] int64, log-probs [N, k]) sorted by decreasing
-    log-prob, log p = z - logsumexp_V(z), z = ht wt[:V]^T / T. Shapes are checked by the caller."""
+    log-prob, log p = z - logsumexp_V(z), z = transform(ht wt[:V]^T) / T. Shapes are checked by
+    the caller."""
     n = ht.shape[0]
     cd = _compute_dtype(ht.dtype)
     dev = ht.device
@@ -35,7 +39,10 @@ def teacher_topk_forward(ht: torch.Tensor, wt: torch.Tensor, k: int, inv_tempera
         best_v = best_i = None
         for v0 in range(0, vocab_size, block_vocab):
             v1 = min(vocab_size, v0 + block_vocab)
-            z = (h @ wt[v0:v1].to(cd).T) * inv_temperature
+            z = h @ wt[v0:v1].to(cd).T
+            if not transform.is_identity:
+                z = transform.apply(z)
+            z = z * inv_temperature
             m_new = torch.maximum(m, z.max(1).values)
             m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
             scale = torch.where(sumexp > 0, torch.exp(m - m_safe), torch.zeros_like(sumexp))

@@ -35,6 +35,11 @@ a second kernel gridded over vocab blocks would avoid the d Ws atomics but recom
 logit tiles again (+2NV(Ds+Dt) FLOPs, +50% of the backward at Ds = Dt), and its [BLOCK_V, Ds]
 accumulator does not fit in registers either, so it would read-modify-write d Ws as much.
 
+Logit transform (logit_transform.py), per side, constexpr XF_S / XF_T: 0 none, 1 y = s u,
+2 y = c tanh(s u / c), applied to each raw tile u right after its dots; the statistics above are
+those of y (the u of the formulas is y), and the backward multiplies dZ by dy/du (s, or
+s (1 - tanh^2)) before the d hs / d Ws dots. XF = 0 compiles exactly the untransformed kernel.
+
 Launchers `fused_kd_forward_triton` / `fused_kd_backward_triton` follow exactly the contract of
 the C++ dispatcher ops `torch.ops.e3kernels.fused_kd_forward` / `fused_kd_backward`; `op.py`
 registers them as the custom ops `e3kernels::fused_kd_forward_triton` / `_backward_triton`.
@@ -50,6 +55,7 @@ import triton
 import triton.language as tl
 
 from e3kernels.dispatch import triton_interpreter_active
+from e3kernels.ops.fused_kd.logit_transform import IDENTITY, LogitTransform
 from e3kernels.ops.fused_kd.op import NSTAT, LaunchOptions
 
 _NEG_INF = float("-inf")
@@ -89,9 +95,28 @@ def _logit_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd,
     return acc
 
 @triton.jit
+def _softcap(u, scale, cap):
+    """(y, dy/du) for y = cap tanh(scale u / cap): tanh x = sign(x) (1 - e) / (1 + e) with
+    e = exp(-2 |x|) (no overflow), 1 - tanh^2 = 4 e / (1 + e)^2 (no cancellation)."""
+    x = u * (scale / cap)
+    e = tl.exp(-2.0 * tl.abs(x))
+    inv = 1.0 / (1.0 + e)
+    t = (1.0 - e) * inv
+    return cap * tl.where(x < 0, -t, t), scale * (4.0 * e * inv * inv)
+
+@triton.jit
+def _transform(u, scale, cap, XF: tl.constexpr):
+    """y of the logit transform XF (0: u, 1: scale u, 2: cap tanh(scale u / cap))."""
+    if XF == 1:
+        u = u * scale
+    elif XF == 2:
+        u, _ = _softcap(u, scale, cap)
+    return u
+
+@triton.jit
 def _fused_kd_fwd_kernel(
     hs_ptr, ws_ptr, ht_ptr, wt_ptr, stats_ptr,
-    N, Ds, Dt, V, v_chunk, inv_t, t_scale,
+    N, Ds, Dt, V, v_chunk, inv_t, t_scale, scale_s, cap_s, scale_t, cap_t,
     stride_hsn, stride_hsd, stride_wsv, stride_wsd,
     stride_htn, stride_htd, stride_wtv, stride_wtd,
     stride_ss, stride_sk,
@@ -99,6 +124,7 @@ def _fused_kd_fwd_kernel(
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    XF_S: tl.constexpr = 0, XF_T: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -124,6 +150,8 @@ def _fused_kd_fwd_kernel(
         ut = _logit_tile(ht_ptr, stride_htn, stride_htd, wt_ptr, stride_wtv, stride_wtd,
                          offs_n, offs_v, n_mask, v_mask, Dt,
                          BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_T, PREC_T)
+        us = _transform(us, scale_s, cap_s, XF_S)
+        ut = _transform(ut, scale_t, cap_t, XF_T)
         vm = v_mask[None, :]
         zs = tl.where(vm, us * inv_t, float("-inf"))
         zt = tl.where(vm, ut * inv_t, float("-inf"))
@@ -170,7 +198,7 @@ def _fused_kd_bwd_kernel(
     hs_ptr, ws_ptr, ht_ptr, wt_ptr, labels_ptr,
     gkl_ptr, gce_ptr, lse_s_ptr, lse_t_ptr, kl_ptr, lse1_ptr,
     dhs_ptr, dws_ptr,
-    N, Ds, Dt, V, v_chunk, inv_t, ignore_index,
+    N, Ds, Dt, V, v_chunk, inv_t, ignore_index, scale_s, cap_s, scale_t, cap_t,
     stride_hsn, stride_hsd, stride_wsv, stride_wsd,
     stride_htn, stride_htd, stride_wtv, stride_wtd,
     stride_dhn, stride_dwv,
@@ -179,6 +207,7 @@ def _fused_kd_bwd_kernel(
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr, PREC_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    XF_S: tl.constexpr = 0, XF_T: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -212,6 +241,11 @@ def _fused_kd_bwd_kernel(
         ut = _logit_tile(ht_ptr, stride_htn, stride_htd, wt_ptr, stride_wtv, stride_wtd,
                          offs_n, offs_v, n_mask, v_mask, Dt,
                          BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_T, PREC_T)
+        if XF_S == 2:
+            us, dyu = _softcap(us, scale_s, cap_s)
+        else:
+            us = _transform(us, scale_s, cap_s, XF_S)
+        ut = _transform(ut, scale_t, cap_t, XF_T)
         keep = valid[:, None] & v_mask[None, :]
         log_ps = tl.where(keep, us * inv_t - lse_s[:, None], float("-inf"))
         log_pt = tl.where(keep, ut * inv_t - lse_t[:, None], float("-inf"))
@@ -224,6 +258,10 @@ def _fused_kd_bwd_kernel(
         if HAS_CE:  # softmax part only; the launcher subtracts the one-hot part
             dz += gce[:, None] * tl.exp(tl.where(keep, us - lse1[:, None], float("-inf")))
         dz = tl.where(keep, dz, 0.0)
+        if XF_S == 1:
+            dz = dz * scale_s
+        elif XF_S == 2:
+            dz = dz * dyu
         if DZ_LOWP:
             dzc = dz.to(hs_ptr.dtype.element_ty)
         else:
@@ -441,6 +479,16 @@ def _merge_stats(stats: torch.Tensor, reverse: bool, compute_ce: bool, temperatu
     return kl, h, lse_s, lse_t, lse1
 
 
+def _xform_args(xs, xt) -> tuple[tuple, dict]:
+    """(scale_s, cap_s, scale_t, cap_t) and the constexprs XF_S / XF_T of two transforms."""
+    def xf(x):
+        return 0 if x.is_identity else (2 if x.softcap is not None else 1)
+
+    cap = lambda x: float(x.softcap) if x.softcap is not None else 1.0  # noqa: E731
+    return ((float(xs.scale), cap(xs), float(xt.scale), cap(xt)),
+            dict(XF_S=xf(xs), XF_T=xf(xt)))
+
+
 def _label_logits(hs, ws, safe_labels):
     """u_i = hs[i] . ws[label_i] in fp32 (O(N D)), for the CE value and its one-hot gradient."""
     rows = ws.index_select(0, safe_labels).to(hs.dtype)  # (the head rows as the kernel sees them)
@@ -449,9 +497,11 @@ def _label_logits(hs, ws, safe_labels):
 
 def fused_kd_forward_triton(hs, ws, ht, wt, labels, inv_temperature: float, reverse: bool,
                             ignore_index: int, vocab_size: int, compute_ce: bool,
-                            opts: LaunchOptions | None = None) -> list[torch.Tensor]:
+                            opts: LaunchOptions | None = None, xs: LogitTransform = IDENTITY,
+                            xt: LogitTransform = IDENTITY) -> list[torch.Tensor]:
     """Triton forward. Returns [kl, teacher_entropy, student_lse, teacher_lse, ce, student_lse_t1]
-    (all [N] fp32; ce and student_lse_t1 are empty tensors unless compute_ce)."""
+    (all [N] fp32; ce and student_lse_t1 are empty tensors unless compute_ce). xs / xt: the
+    student's / teacher's logit transform."""
     opts = opts or LaunchOptions()
     interpret = _check_triton(hs)
     ws, wt = _heads_for_interpreter(hs, ws, ht, wt, interpret)
@@ -483,11 +533,12 @@ def fused_kd_forward_triton(hs, ws, ht, wt, labels, inv_temperature: float, reve
     stats = torch.full((splits, NSTAT, n), float("nan"), **f32)  # poisoned: unwritten shows
     if not compute_ce:
         stats[:, 6:].zero_()
+    xf_args, xf_flags = _xform_args(xs, xt)
     args = (hs, ws, ht, wt, stats, n, ds, dt, v, v_chunk, float(inv_temperature),
-            1.0 / float(inv_temperature), hs.stride(0), hs.stride(1), ws.stride(0), ws.stride(1),
+            1.0 / float(inv_temperature), *xf_args, hs.stride(0), hs.stride(1), ws.stride(0), ws.stride(1),
             ht.stride(0), ht.stride(1), wt.stride(0), wt.stride(1), stats.stride(0), stats.stride(1))
     flags = dict(REVERSE=bool(reverse), COMPUTE_CE=bool(compute_ce), UPCAST_S=up_s, UPCAST_T=up_t,
-                 PREC_S=prec_s, PREC_T=prec_t)
+                 PREC_S=prec_s, PREC_T=prec_t, **xf_flags)
     with _quiet(interpret):
         if tuned:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)
@@ -505,6 +556,8 @@ def fused_kd_forward_triton(hs, ws, ht, wt, labels, inv_temperature: float, reve
     ce = empty
     if compute_ce:
         ulab, _ = _label_logits(hs, ws, torch.where(valid, lab, 0))
+        if not xs.is_identity:
+            ulab = xs.apply(ulab)
         ce = torch.where(valid, lse1 - ulab, zero)
     else:
         lse1 = empty.clone()  # a distinct tensor: custom-op outputs must not alias
@@ -514,7 +567,8 @@ def fused_kd_forward_triton(hs, ws, ht, wt, labels, inv_temperature: float, reve
 def fused_kd_backward_triton(grad_kl, grad_ce, hs, ws, ht, wt, labels, student_lse, teacher_lse,
                              kl, student_lse_t1, inv_temperature: float, reverse: bool,
                              ignore_index: int, vocab_size: int, need_grad_ws: bool,
-                             opts: LaunchOptions | None = None) -> list[torch.Tensor]:
+                             opts: LaunchOptions | None = None, xs: LogitTransform = IDENTITY,
+                             xt: LogitTransform = IDENTITY) -> list[torch.Tensor]:
     """Triton backward. Returns [grad_hs [N, Ds] (dtype of hs), grad_ws [Vs, Ds] fp32 (rows >=
     vocab_size zero; empty unless need_grad_ws)]."""
     opts = opts or LaunchOptions()
@@ -547,19 +601,21 @@ def fused_kd_backward_triton(grad_kl, grad_ce, hs, ws, ht, wt, labels, student_l
         bn, bv, bd = _interp_blocks(n, v, max(ds, dt), opts)
         v_chunk = _vocab_chunk(v, splits, bv)
     splits = math.ceil(v / v_chunk)
+    xf_args, xf_flags = _xform_args(xs, xt)
     args = (hs, ws, ht, wt, lab,
             grad_kl.to(torch.float32).contiguous(),
             grad_ce.to(torch.float32).contiguous() if has_ce else dummy,
             student_lse.contiguous(), teacher_lse.contiguous(), kl.to(torch.float32).contiguous(),
             student_lse_t1.contiguous() if has_ce else dummy,
             dhs, dws if need_grad_ws else dummy,
-            n, ds, dt, v, v_chunk, float(inv_temperature), int(ignore_index),
+            n, ds, dt, v, v_chunk, float(inv_temperature), int(ignore_index), *xf_args,
             hs.stride(0), hs.stride(1), ws.stride(0), ws.stride(1),
             ht.stride(0), ht.stride(1), wt.stride(0), wt.stride(1),
             dhs.stride(0), ds)
     flags = dict(HAS_LABELS=has_labels, REVERSE=bool(reverse), HAS_CE=has_ce,
                  NEED_DWS=bool(need_grad_ws), DHS_ATOMIC=splits > 1, DZ_LOWP=dz_lowp,
-                 UPCAST_S=up_s, UPCAST_T=up_t, PREC_S=prec_s, PREC_T=prec_t, PREC_B=prec_b)
+                 UPCAST_S=up_s, UPCAST_T=up_t, PREC_S=prec_s, PREC_T=prec_t, PREC_B=prec_b,
+                 **xf_flags)
     with _quiet(interpret):
         if tuned:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)
@@ -572,6 +628,13 @@ def fused_kd_backward_triton(grad_kl, grad_ce, hs, ws, ht, wt, labels, student_l
         safe = torch.where(valid, lab, 0)
         gce = torch.where(valid, grad_ce.to(torch.float32), 0.0)
         rows = ws.index_select(0, safe).to(hs.dtype).float()
+        if not xs.is_identity:  # d y / d u at the label logit
+            if xs.softcap is None:
+                gce = gce * xs.scale
+            else:
+                u = torch.bmm(hs.float().unsqueeze(1), rows.unsqueeze(2)).view(-1)
+                t = torch.tanh(u * xs.scale / xs.softcap)
+                gce = gce * (xs.scale * (1.0 - t * t))
         dhs.sub_(gce[:, None] * rows)
         if need_grad_ws:
             dws.index_add_(0, safe, gce[:, None] * hs.float(), alpha=-1.0)
