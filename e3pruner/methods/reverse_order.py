@@ -44,6 +44,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
                          f"{n}: lower n_prune or keep_last")
     stop = n - cfg.keep_last
     keep = [i for i in range(n) if not stop - n_prune <= i < stop]
-    return Selection(keep=keep, num_layers=n, scores=[float(stop - i if i < stop else n + 1) for i in range(n)], tokens=0,
+    scores = [float(stop - i if i < stop else n + 1) for i in range(n)]
+    return Selection(keep=keep, num_layers=n, scores=scores, tokens=0,
                      info={"config": asdict(cfg), "segment": [stop - n_prune, stop],
                            "score": "reverse order of removal (stop - layer)"})

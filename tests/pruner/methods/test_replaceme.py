@@ -48,8 +48,8 @@ def test_lstsq_recovers_a_known_linear_map(n, d):
 def test_lstsq_is_the_least_squares_solution_with_noise():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400, 24, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(24, 24, generator=g, dtype=torch.float64) + torch.randn(400, 24, generator=g,
-                                                                                 dtype=torch.float64)
+    a = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    y = x @ a + torch.randn(400, 24, generator=g, dtype=torch.float64)
     want = torch.linalg.lstsq(x, y).solution
     assert (lstsq_fit(x, y) - want).abs().max().item() <= 1e-10
     with pytest.raises(ValueError, match="singular"):
@@ -106,7 +106,8 @@ def test_an_identity_block_is_found_and_replaced_exactly(name):
     assert key == "model.layers.1.mlp.down_proj.weight"
     # Y = h_4 - h_2 + M = M: the map is the identity, the fold changes nothing
     tol = 1e-4 if name == "replaceme" else 2e-2
-    assert (w - model.model.layers[1].mlp.down_proj.weight).abs().max().item() <= tol * w.abs().max().item()
+    original = model.model.layers[1].mlp.down_proj.weight
+    assert (w - original).abs().max().item() <= tol * w.abs().max().item()
 
 
 def test_lstsq_fold_matches_an_independent_fit_on_a_real_block():
@@ -118,7 +119,8 @@ def test_lstsq_fold_matches_an_independent_fit_on_a_real_block():
     assert s == 1 + min(range(4), key=lambda i: sel.info["distances"][i + 1])
     # X, Y again from layer_inputs and plain hooks on the MLP of layer s-1 and the final norm
     box = {}
-    h1 = model.model.layers[s - 1].mlp.register_forward_hook(lambda _m, _a, out: box.setdefault("m", out))
+    mlp = model.model.layers[s - 1].mlp
+    h1 = mlp.register_forward_hook(lambda _m, _a, out: box.setdefault("m", out))
     h2 = model.model.norm.register_forward_pre_hook(lambda _m, a: box.setdefault("final", a[0]))
     with torch.no_grad():
         inputs, _ = layer_inputs(model, data.calib)
@@ -131,6 +133,15 @@ def test_lstsq_fold_matches_an_independent_fit_on_a_real_block():
     want = fold_into_down_proj(model.model.layers[s - 1].mlp.down_proj.weight, t)
     (w,) = sel.info["weight_updates"].values()
     assert (w - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert sel.info["fit"]["rel_sq_error"] < sel.info["fit"]["rel_sq_error_identity"]
+
+
+def test_cosine_variant_improves_the_cosine_of_the_block_output():
+    model = tiny_model("llama", num_layers=6)
+    sel = get_method("replaceme-cosine")(model, _data(), 2, FAST)
+    c = sel.info["cosine_loss"]
+    assert c["first_step"] == pytest.approx(c["identity"], abs=0.05)  # starts at T = I
+    assert c["fitted"] < 0.8 * c["identity"]
     assert sel.info["fit"]["rel_sq_error"] < sel.info["fit"]["rel_sq_error_identity"]
 
 
@@ -181,7 +192,8 @@ def test_weight_updates_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         apply_weight_updates(student, str(tmp_path / "nope.safetensors"), [0, 1, 4, 5])
     for kw, msg in (({"objective": "l1"}, "objective"), ({"ridge": -1.0}, "ridge"),
-                    ({"cosine_steps": 0}, "cosine_steps"), ({"cosine_init": "zeros"}, "cosine_init")):
+                    ({"cosine_steps": 0}, "cosine_steps"),
+                    ({"cosine_init": "zeros"}, "cosine_init")):
         with pytest.raises(ValueError, match=msg):
             ReplaceMeConfig(**kw)
     with pytest.raises(ValueError, match="n_prune"):
