@@ -215,20 +215,23 @@ def _select(model, data: PruneData, n_prune: int, budget: Budget | None,
     with preserved_model_state(model):
         d = block_distances(model, sets, n_prune, budget.batch_size)
         start = 1 + int(torch.argmin(d[1:]))  # first minimum: the lowest start on ties
-        xtx, xty, yty, x, y = block_activations(model, sets, start, n_prune, budget.batch_size,
-                                           keep_rows=cfg.objective == "cosine")
-    t_ls = solve_lstsq(xtx, xty, cfg.ridge)
+        xtx, xty, yty, x, y = block_activations(model, sets, start, n_prune,
+                                                budget.batch_size,
+                                                keep_rows=cfg.objective == "cosine")
     info = {"config": asdict(cfg), "start": start, "segment": [start, start + n_prune],
             "fold_layer": start - 1, "distances": d.tolist()}
     if cfg.objective == "cosine":
-        init = t_ls if cfg.cosine_init == "lstsq" else torch.eye(xtx.shape[0], dtype=torch.float64)
+        device = xtx.device
+        x, y = x.to(device), y.to(device)
+        init = (solve_lstsq(xtx, xty, cfg.ridge) if cfg.cosine_init == "lstsq" else
+                torch.eye(xtx.shape[0], dtype=torch.float64, device=device))
         t, losses = cosine_fit(x, y, init, cfg.cosine_steps, cfg.cosine_lr, cfg.cosine_batch,
                                budget.seed)
         info["cosine_loss"] = {"first_step": losses[0], "last_step": losses[-1],
                                "identity": float(cosine_loss(x, y)),
                                "fitted": float(cosine_loss(x @ t.float(), y))}
     else:
-        t = t_ls
+        t = solve_lstsq(xtx, xty, cfg.ridge)
     info["fit"] = _fit_quality(xtx, xty, yty, t)
     weight = layers[start - 1].mlp.down_proj.weight
     name = f"{get_adapter(model).layers_path}.{start - 1}.mlp.down_proj.weight"
