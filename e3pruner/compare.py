@@ -211,6 +211,7 @@ def _compare_method(name: str, res: dict, save, args: CompareArgs, model, data, 
     from e3pruner.methods import Budget, Selection, get_method, method_recovery
     from e3pruner.models.export import export_pruned
     from e3pruner.models.gates import gated, remove_gates
+    from e3pruner.models.weight_updates import apply_weight_updates
     from e3pruner.recovery.distill import RecoveryConfig, make_student, recover
 
     method_dir = Path(args.out) / name
@@ -229,10 +230,14 @@ def _compare_method(name: str, res: dict, save, args: CompareArgs, model, data, 
     width = sel.info.get("width_rates")
     log(f"{name}: removes {sel.removed if width is None else 'width ' + str(width)}")
 
+    updates = sel.info.get("weight_updates")  # new weights for the pruned model (ReplaceMe)
     if "ppl_before" not in res:
         with torch.no_grad():
             if width is not None:
                 res["ppl_before"] = _with_width_masks(model, sel, data, lambda: ppl(model))
+            elif updates is not None:
+                res["ppl_before"] = ppl(apply_weight_updates(make_student(model, sel.keep),
+                                                             updates, sel.keep))
             else:
                 with gated(model, sel.mask(args.device)):
                     res["ppl_before"] = ppl(model)
@@ -256,6 +261,8 @@ def _compare_method(name: str, res: dict, save, args: CompareArgs, model, data, 
             # recovered already, only the zero-shot settings changed: the final
             # recovery checkpoint restores the student (else recovery runs again, seeded)
             student = make_student(model, sel.keep)
+            if updates is not None:
+                apply_weight_updates(student, updates, sel.keep)
             student, summary = recover(student, model, data, cfg, keep=sel.keep,
                                        seed=args.seed, run_dir=str(method_dir),
                                        resume=args.resume or recovered,

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from e3pruner.methods import angular, clp, e3, ppl, self_pruner, shortgpt, sleb, taylor  # noqa: F401
+from e3pruner.methods import (  # noqa: F401
+    angular,
+    clp,
+    e3,
+    ppl,
+    replaceme,
+    reverse_order,
+    self_pruner,
+    shortgpt,
+    sleb,
+    taylor,
+)
 from e3pruner.methods.base import _CONFIGS, _METHODS, _RECOVERY, Budget, PruneData, Selection, register
 
 

@@ -7,7 +7,10 @@ offline top-K cache of the teacher's log-probs built with `e3kernels.teacher_top
 
 Trainable scope: "full" (every decoder layer and the final norm; embeddings/head too with
 train_embeddings=True), "endpoints" (the kept layers adjacent to each removed segment:
-cutoff endpoint tuning), "lora" (peft adapters on the decoder layers, merged at the end).
+cutoff endpoint tuning), "last" (the last `last_layers` kept decoder layers, the final norm
+and the LM head: partial-layer fine-tuning; a head tied to the embedding is the embedding,
+so it trains too; an untied embedding only with train_embeddings=True), "lora" (peft
+adapters on the decoder layers, merged at the end).
 Loss per token: the teacher-entropy-weighted KL, plus ce_weight x the next-token cross-entropy
 of the data on the student (live teacher only; the last position of a block has no next token
 and then leaves the KD sum too; both summed over tokens, so the CE's scale
@@ -56,7 +59,7 @@ from e3pruner.train import (
     set_rng_state,
 )
 
-SCOPES = ("full", "endpoints", "lora")
+SCOPES = ("full", "endpoints", "last", "lora")
 WEIGHTINGS = ("none", "entropy", "normalized_entropy", "confidence")  # e3kernels' KD weightings
 _HINT = "Try a lower --lr, --dtype float32 or --amp none."
 
@@ -80,6 +83,7 @@ class RecoveryConfig:
     teacher: str = "live"  # "live" or "cache"
     cache_topk: int = 64
     lora_rank: int = 16
+    last_layers: int = 3  # scope "last": how many of the last kept decoder layers train
     amp: str | None = None  # "bf16": autocast forward/backward (fp32 master weights)
 
     def __post_init__(self) -> None:
@@ -88,6 +92,10 @@ class RecoveryConfig:
     def validate(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if isinstance(self.last_layers, bool) or not isinstance(self.last_layers, int) \
+                or self.last_layers < 1:
+            raise ValueError(f"last_layers must be an integer >= 1 (the number of last kept "
+                             f"layers that scope 'last' trains), got {self.last_layers!r}")
         if self.teacher not in ("live", "cache"):
             raise ValueError(f"teacher must be 'live' or 'cache', got {self.teacher!r}")
         if self.tokens < 0 or self.batch_size < 1 or self.grad_accum < 1:
@@ -143,6 +151,13 @@ def set_trainable(student, cfg: RecoveryConfig, keep: list[int], original_layers
     if cfg.scope == "endpoints":
         chosen = endpoint_layers(keep, original_layers)
         modules = [layers[i] for i in chosen]
+    elif cfg.scope == "last":
+        if cfg.last_layers > len(layers):
+            raise ValueError(f"last_layers={cfg.last_layers} but the pruned model keeps only "
+                             f"{len(layers)} layers: choose last_layers in [1, {len(layers)}]")
+        modules = [*layers[len(layers) - cfg.last_layers:], final_norm(student), lm_head(student)]
+        if cfg.train_embeddings:
+            modules.append(embed_tokens(student))
     else:
         modules = list(layers) + [final_norm(student)]
         if cfg.train_embeddings:
