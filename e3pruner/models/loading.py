@@ -157,6 +157,9 @@ def _check_gguf_magic(gguf: Path) -> None:
                             "pass a .gguf model file, an HF directory or a hub id")
 
 
+_GGUF_READ_ERRORS = (ValueError, OSError, KeyError, IndexError, TypeError, struct.error)
+
+
 def gguf_hf_dir(gguf: Path, cache_dir: str | Path | None = None) -> Path:
     """HF-format copy of a GGUF model (dequantized to fp32 by transformers' GGUF loader),
     converted on first use into the cache dir and reused while the file is unchanged."""
@@ -170,8 +173,7 @@ def gguf_hf_dir(gguf: Path, cache_dir: str | Path | None = None) -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ValueError, OSError, KeyError, IndexError, TypeError, struct.error) as err:
+    except _GGUF_READ_ERRORS as err:
         text = str(err)
         if "not supported" in text.lower():
             raise GGUFLoadError(
@@ -180,6 +182,13 @@ def gguf_hf_dir(gguf: Path, cache_dir: str | Path | None = None) -> Path:
         raise GGUFLoadError(f"cannot read {gguf} as a GGUF model ({type(err).__name__}: "
                             f"{text}): the file is damaged or truncated; use an intact copy"
                             ) from err
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except _GGUF_READ_ERRORS as err:
+        raise GGUFLoadError(f"cannot read the tokenizer of {gguf} ({type(err).__name__}: "
+                            f"{err}): its tokenizer metadata is missing or of a kind "
+                            "transformers cannot convert; pass an HF directory with the "
+                            "tokenizer instead") from err
     save_model(model, tok, hf_dir)
     return hf_dir
 
@@ -200,9 +209,9 @@ def load_model(name_or_path: str = "smollm2-135m", *, dtype: str | torch.dtype |
 
     name_or_path: "smollm2-135m" (bundled), a .gguf file or a directory holding one
     (dequantized to fp32 and cached, see `gguf_hf_dir`), a local HF directory, or a hub id
-    (needs network or a populated HF cache). dtype: None/"auto" keeps the checkpoint's dtype (fp32 for the
-    bundled model). Unsupported families raise UnsupportedArchitectureError unless
-    check_supported=False.
+    (needs network or a populated HF cache). dtype: None/"auto" keeps the checkpoint's dtype
+    (fp32 for a GGUF). Unsupported families raise UnsupportedArchitectureError unless
+    check_supported=False; a GGUF transformers cannot read raises GGUFLoadError.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

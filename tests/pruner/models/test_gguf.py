@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -28,10 +27,12 @@ def _byte_tokens() -> list[str]:
 
 
 def write_tiny_gguf(path, *, n_layers: int = 6, seed: int = 0, arch: str = "llama",
-                    per_layer_arrays: bool = False):
+                    per_layer_arrays: bool = False, extra: dict | None = None,
+                    tokenizer: bool = True):
     """A tiny random llama GGUF that transformers' GGUF loader reads: byte-level GPT-2
     tokenizer, Q8_0 projections, an F16 value projection, F32 norms, an untied head.
-    per_layer_arrays: also per-layer metadata arrays (which transformers does not read)."""
+    per_layer_arrays: also per-layer metadata arrays (which transformers does not read);
+    extra: more fields {key: (value, GGUFValueType)}; tokenizer=False: no tokenizer fields."""
     import gguf
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,13 +58,16 @@ def write_tiny_gguf(path, *, n_layers: int = 6, seed: int = 0, arch: str = "llam
         w.add_key_value(f"{arch}.test.per_layer_width", [100 + i for i in range(n_layers)],
                         gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT16)
         w.add_array("general.tags", [f"t{i}" for i in range(n_layers)])  # not {arch}.: kept
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3] + [1] * (vocab - 1))
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
+    for key, (value, vtype) in (extra or {}).items():
+        w.add_key_value(key, value, vtype)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([3] + [1] * (vocab - 1))
+        w.add_token_merges(merges)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(0)
 
     def weight(name, shape, qtype):
         x = (rng.standard_normal(shape) * 0.3).astype(np.float32)
@@ -154,6 +158,20 @@ def test_export_pruned_gguf_unsorted_keep_is_sorted(tmp_path):
     src = write_tiny_gguf(tmp_path / "src.gguf", per_layer_arrays=True, seed=3)
     out = export_pruned_gguf(src, (5, 1, 3), tmp_path / "p.gguf")
     assert_pruned_copy(src, out, [1, 3, 5], subset=tuple(per_layer_fields(src)))
+
+
+def test_export_pruned_gguf_layer_structure_scalars(tmp_path):
+    import gguf
+
+    src = write_tiny_gguf(tmp_path / "src.gguf", seed=9, extra={
+        "llama.leading_dense_block_count": (3, gguf.GGUFValueType.UINT32)})
+    out = export_pruned_gguf(src, [0, 2, 4, 5], tmp_path / "p.gguf")
+    assert gguf.GGUFReader(out).get_field("llama.leading_dense_block_count").contents() == 2
+    mtp = write_tiny_gguf(tmp_path / "mtp.gguf", extra={
+        "llama.nextn_predict_layers": (1, gguf.GGUFValueType.UINT32)})
+    with pytest.raises(GGUFExportError, match="multi-token-prediction.*not supported"):
+        export_pruned_gguf(mtp, [0, 1], tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists()
 
 
 @pytest.mark.parametrize("keep,match", [([], "empty"), ([0, 0], "duplicates"),
@@ -285,6 +303,9 @@ def test_bad_gguf_is_a_clear_error(tmp_path):
     with pytest.raises(GGUFLoadError, match=r"arch\.gguf: transformers cannot dequantize.*"
                                             r"rwkv6.*HF checkpoint"):
         load_model(str(tmp_path / "arch.gguf"), cache_dir=cache)
+    write_tiny_gguf(tmp_path / "notok.gguf", tokenizer=False, n_layers=2)
+    with pytest.raises(GGUFLoadError, match=r"tokenizer of .*notok\.gguf.*HF directory"):
+        load_model(str(tmp_path / "notok.gguf"), cache_dir=cache)
     assert not cache.exists() or not [p for p in cache.iterdir()
                                       if (p / "config.json").exists()]
 
@@ -334,7 +355,6 @@ def test_cli_prune_gguf_writes_pruned_gguf(tmp_path, monkeypatch, capsys, recove
     (tmp_path / "train.txt").write_text(markov_text(40, seed=1))
     (tmp_path / "held.txt").write_text(markov_text(10, seed=2))
     out = tmp_path / "run"
-    t0 = time.time()
     assert main(_prune_flags(src, out, tmp_path / "train.txt", tmp_path / "held.txt",
                              recovery_tokens)) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -353,9 +373,9 @@ def test_cli_prune_gguf_writes_pruned_gguf(tmp_path, monkeypatch, capsys, recove
     back = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf",
                                                 dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(out / "model")
-    ids = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, hf.config.vocab_size, (1, 12),
+                        generator=torch.Generator().manual_seed(0))
     _assert_same_model(back, hf, ids)
-    assert time.time() - t0 < 120
 
 
 def test_cli_info_eval_ppl_and_bad_gguf(tmp_path, monkeypatch, capsys):
@@ -386,6 +406,24 @@ def test_cli_info_eval_ppl_and_bad_gguf(tmp_path, monkeypatch, capsys):
     assert "several GGUF files" in capsys.readouterr().err
 
 
+def test_cli_compare_on_gguf(tmp_path, monkeypatch, capsys):
+    from e3pruner.cli import main
+    from tests.pruner.tiny_models import markov_text
+
+    monkeypatch.setattr("e3pruner.models.loading.default_cache_dir", lambda: tmp_path / "c")
+    src = write_tiny_gguf(tmp_path / "tiny.gguf", seed=10)
+    (tmp_path / "train.txt").write_text(markov_text(40, seed=1))
+    (tmp_path / "held.txt").write_text(markov_text(10, seed=2))
+    rc = main(["compare", "--methods", "shortgpt", "--model", str(src), "--data",
+               str(tmp_path / "train.txt"), "--heldout", str(tmp_path / "held.txt"),
+               "--block-len", "32", "--batch-size", "2", "--search-tokens", "64",
+               "--recovery-tokens", "0", "--eval-tokens", "400", "--eval-ctx", "64",
+               "--zeroshot-limit", "0", "--prune-layers", "2", "--out", str(tmp_path / "cmp"),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "| shortgpt |" in capsys.readouterr().out
+
+
 # --- the bundled SmolLM2 GGUF --------------------------------------------------------------
 
 @pytest.mark.slow
@@ -401,10 +439,7 @@ def test_bundled_gguf_pruned_reloads_equal_to_pruned_hf_model(tmp_path):
     src = bundled_gguf_path()
     removed = (3, 7, 11, 15, 19, 22, 25, 27)
     keep = [i for i in range(30) if i not in removed]
-    t0 = time.time()
     out = export_pruned_gguf(src, keep, tmp_path / "smollm2-22.gguf")
-    seconds = time.time() - t0
-    assert seconds < 60, seconds
     assert out.stat().st_size < src.stat().st_size
     assert_pruned_copy(src, out, keep, subset=tuple(per_layer_fields(src)))
 
