@@ -659,6 +659,6 @@ def format_table(r: dict) -> str:
         ("checkpoint", r["export"]),
     ]
     if r.get("gguf"):
-        rows.append(("pruned GGUF (original quantized tensors)", r["gguf"]))
+        rows.append(("pruned GGUF", f"{r['gguf']}  (the source's quantized tensors)"))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
