@@ -33,7 +33,8 @@ def _int_at_least(minimum: int, zero_ok: bool = False):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="'smollm2-135m' (bundled), a local HF directory or a hub id")
+                   help="'smollm2-135m' (bundled), a .gguf file (or a directory holding "
+                        "one: dequantized and cached), a local HF directory or a hub id")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--device", default="cpu")
 
@@ -165,7 +166,8 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--heldout", default=d.heldout, help="held-out perplexity text (default: bundled LAMBADA)")
     p.add_argument("--search-tokens", type=_tokens, default=d.search_tokens)
     p.add_argument("--recovery-tokens", type=_tokens, default=d.recovery_tokens,
-                   help="0 skips recovery")
+                   help="0 skips recovery (with a GGUF --model, the run then also writes "
+                        "RUN/model.gguf: the pruned GGUF, quantized tensors unchanged)")
     p.add_argument("--tokens", type=_tokens, default=None, dest="total_tokens",
                    help="total budget: 20%% to the search, 80%% to recovery (overrides both)")
     p.add_argument("--block-len", type=int, default=d.block_len)
@@ -321,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
 
     p = sub.add_parser("info", help="supported families; a model's layers, params, vocab")
-    p.add_argument("--model", default=None, help="also describe this model")
+    p.add_argument("--model", default=None, help="also describe this model (a name, .gguf "
+                   "file, HF directory or hub id, as for prune)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")

