@@ -261,3 +261,18 @@ def test_every_family_is_listed():
     from e3pruner.models.families import TESTED_FAMILIES
 
     assert set(TESTED_FAMILIES) == set(ALL_FAMILIES)
+
+
+@torch.no_grad()
+def test_the_tiny_configs_make_the_special_parts_matter():
+    """Gemma 2's softcap and Granite's scaling change the logits; Gemma 3's sliding window is
+    shorter than the test sequences (its layer_types change the logits)."""
+    ids = _ids(5)
+    for family in ("gemma2", "granite"):
+        model = tiny_model(family)
+        raw = F.linear(final_hidden(model, ids), lm_head(model).weight)
+        assert (model(ids).logits - raw).abs().max() > 0.3
+    model = tiny_model("gemma3_text")
+    want = model(ids).logits
+    model.config.layer_types = ["full_attention"] * 6
+    assert (model(ids).logits - want).abs().max() > 1e-2
