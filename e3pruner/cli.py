@@ -47,11 +47,11 @@ def _add_layer_count_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args) -> int:
     from e3pruner.models import SUPPORTED_FAMILIES, load_model
-    from e3pruner.models.families import _ADAPTERS, decoder_layers
+    from e3pruner.models.families import TESTED_FAMILIES, decoder_layers
 
-    print("supported families:")
+    print("tested families (any decoder-only transformers causal LM works):")
     for fam in SUPPORTED_FAMILIES:
-        print(f"  {fam:8s} {_ADAPTERS[fam].notes}")
+        print(f"  {fam:12s} {TESTED_FAMILIES[fam]}")
     if args.model is None:
         return 0
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)

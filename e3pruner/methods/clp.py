@@ -60,7 +60,7 @@ from e3pruner.methods.base import (
     register,
 )
 from e3pruner.models.activations import final_hidden
-from e3pruner.models.families import decoder_layers, lm_head
+from e3pruner.models.families import decoder_layers, kd_head_kwargs, lm_head
 from e3pruner.models.gates import gated
 from e3pruner.train import MetricsLog, cosine_lr, exp_anneal
 
@@ -112,10 +112,11 @@ def initial_start(model, data: PruneData, n_prune: int, cfg: CLPConfig, batch_si
     return a0, None
 
 
-def kd_loss(hs, ht, weight, cfg: CLPConfig) -> torch.Tensor:
-    """Mean per-token KD loss of student hidden `hs` against teacher hidden `ht`."""
+def kd_loss(hs, ht, weight, cfg: CLPConfig, head: dict | None = None) -> torch.Tensor:
+    """Mean per-token KD loss of student hidden `hs` against teacher hidden `ht`; `head`: the
+    head's transform (families.kd_head_kwargs)."""
     return kd_from_hidden(hs, weight, ht, amp=cfg.amp, weighting=cfg.weighting,
-                          temperature=cfg.temperature).loss
+                          temperature=cfg.temperature, **(head or {})).loss
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def hard_segment_kl(model, calib: torch.Tensor, start: int, n_prune: int, weight
                 ht = final_hidden(model, ids)
             with gated(model, mask):
                 hs = final_hidden(model, ids)
-        total += kd_loss(hs, ht, weight, cfg).item() * ids.numel()
+        total += kd_loss(hs, ht, weight, cfg, kd_head_kwargs(model)).item() * ids.numel()
         count += ids.numel()
     return total / count
 
@@ -150,7 +151,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     device = next(model.parameters()).device
     tokens_per_step = budget.batch_size * data.blocks.block_len
     steps = max(cfg.min_steps, budget.search_tokens // tokens_per_step)
-    weight = lm_head(model).weight
+    weight, head = lm_head(model).weight, kd_head_kwargs(model)
     hi = float(n - n_prune)
     log = MetricsLog(f"{budget.run_dir}/metrics.jsonl" if budget.run_dir else None, "search")
     log.clear_phase()
@@ -174,7 +175,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
             mask = segment_gates(a, n_prune, n, t)
             with autocast(device, cfg.amp), gated(model, mask):
                 hs = final_hidden(model, ids)
-            loss = kd_loss(hs, ht, weight, cfg)
+            loss = kd_loss(hs, ht, weight, cfg, head)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

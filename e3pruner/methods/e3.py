@@ -25,7 +25,7 @@ from e3pruner.distributed import SINGLE, DistContext
 from e3pruner.losses import kd_from_hidden
 from e3pruner.methods.base import Budget, PruneData, Selection, check_n_prune, register
 from e3pruner.models.activations import hidden_from, layer_inputs
-from e3pruner.models.families import decoder_layers, lm_head
+from e3pruner.models.families import decoder_layers, kd_head_kwargs, lm_head
 from e3pruner.models.teacher_prefix import student_and_teacher_hidden
 from e3pruner.train import (
     Checkpointer,
@@ -76,7 +76,7 @@ def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool 
     """
     n = len(decoder_layers(model))
     device = next(model.parameters()).device
-    weight = lm_head(model).weight
+    weight, head = lm_head(model).weight, kd_head_kwargs(model)
     kl_sum = torch.zeros(n, dtype=torch.float64)
     count = 0
     starts = list(range(0, calib.shape[0], batch_size))
@@ -87,7 +87,7 @@ def skip_one_kl(model, calib: torch.Tensor, batch_size: int = 4, progress: bool 
         inputs, ht = layer_inputs(model, ids)
         for idx in range(n):
             hs = hidden_from(model, ids, idx + 1, inputs[idx])
-            out = kd_from_hidden(hs, weight, ht, weighting="none", reduction="none")
+            out = kd_from_hidden(hs, weight, ht, weighting="none", reduction="none", **head)
             kl_sum[idx] += out.kl.double().sum().cpu()
             bar.update(1)
         count += ids.numel()
@@ -162,7 +162,8 @@ def _score_function_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, se
         with autocast(alpha.device, cfg.amp):
             hs, ht = student_and_teacher_hidden(model, dist.shard(ids), dist.shard(mask))
         out = kd_from_hidden(hs, weight, ht, amp=cfg.amp, weighting=cfg.weighting,
-                             temperature=cfg.temperature, reduction="none")
+                             temperature=cfg.temperature, reduction="none",
+                             **kd_head_kwargs(model))
         per_row = dist.all_gather_cat(out.loss.reshape(hs.shape[0], -1).float().mean(1))
         baseline = (per_row.sum() - per_row) / (rows - 1)
         adv = per_row - baseline
@@ -221,7 +222,7 @@ def _straight_through_step(model, ids, alpha, k: int, weight, cfg: E3Config, *, 
     with autocast(alpha.device, cfg.amp):
         hs, ht = student_and_teacher_hidden(model, dist.shard(ids), mask)
     out = kd_from_hidden(hs, weight, ht, amp=cfg.amp, weighting=cfg.weighting,
-                         temperature=cfg.temperature)
+                         temperature=cfg.temperature, **kd_head_kwargs(model))
     out.loss.backward()
     dist.average_grads_([alpha])
     return m, dist.all_reduce_sum_(out.loss.detach().reshape(1)).item() / dist.world_size
@@ -269,6 +270,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     tokens_per_step = budget.batch_size * data.blocks.block_len
     steps = max(1, budget.search_tokens // tokens_per_step)
     weight = lm_head(model).weight
+    kd_head_kwargs(model)  # checked before the search starts
     run = budget.run_dir
     ckpt = Checkpointer(f"{run}/search_ckpt.pt" if run else None, budget.checkpoint_every,
                         write=dist.is_main)

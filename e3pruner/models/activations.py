@@ -16,16 +16,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from e3pruner.models.families import decoder_layers, final_norm, get_adapter
+from e3pruner.models.families import base_model, decoder_layers, final_norm
 from e3pruner.models.gates import gated
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The decoder stack without the head (e.g. LlamaModel), whose output is normed."""
-    obj = model
-    for part in get_adapter(model).layers_path.split(".")[:-1]:
-        obj = getattr(obj, part)
-    return obj
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor,

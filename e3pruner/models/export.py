@@ -1,8 +1,9 @@
 """Physical layer removal and checkpoint writing (HF format that transformers and vLLM load).
 
 `export_pruned` keeps `keep_layers` (original indices), renumbers them contiguously
-(`model.layers.{i}`), subsets every per-layer config list, remaps `max_window_layers`,
-writes safetensors (sharded past `max_shard_size`) into a temp dir next to `out_dir` and
+(`model.layers.{i}`), carries every per-layer config field over (`pruned_config`: per-layer
+lists, layer-index lists, thresholds, periods), checks that the pruned config builds layers
+of the kept layers' structure, writes safetensors (sharded past `max_shard_size`) into a temp dir next to `out_dir` and
 renames it into place, so an interrupted export never leaves a half-written checkpoint.
 `pruning.json` records the kept and removed original indices and the files the export
 wrote: a later export replaces a previous one of ours, but never a directory with other
@@ -53,16 +54,51 @@ def validate_keep_layers(keep_layers, n_layers: int) -> list[int]:
     return sorted(keep)
 
 
-def pruned_config(config, keep: list[int]):
-    """Copy of `config` describing the model with only `keep` layers."""
-    adapter = None
-    try:
-        from e3pruner.models.families import adapter_for_config
+# Per-layer config fields by meaning (any family; the reload check in export_pruned catches
+# a field this does not know):
+# - lists with one entry per layer (layer_types, mlp_layer_types, no_rope_layers, ...): any
+#   list of length num_hidden_layers not named below; subset to the kept layers;
+# - lists of layer indices: remapped old -> new, removed layers dropped;
+# - thresholds t meaning "layers with index < t are of one kind": the kept layers below t;
+# - a period p meaning "layer i is of kind B iff (i + 1) % p == 0": made explicit (below).
+INDEX_LIST_FIELDS = ("mlp_only_layers",)
+BELOW_THRESHOLD_FIELDS = ("max_window_layers", "first_k_dense_replace", "num_dense_layers")
+SLIDING_PATTERN_FIELDS = ("sliding_window_pattern", "_sliding_window_pattern")
+_NOT_PER_LAYER = ("architectures",)
 
-        adapter = adapter_for_config(config)
-    except ValueError:
-        pass
+
+def _per_layer_list(key: str, value, n: int) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == n and key not in _NOT_PER_LAYER
+            and key not in INDEX_LIST_FIELDS and "token_id" not in key and "mtp" not in key)
+
+
+def _explicit_sparse_step(config, new: dict, keep: list[int]) -> None:
+    """Qwen2/3-MoE `decoder_sparse_step` k: layer i is MoE iff i not in mlp_only_layers and
+    num_experts > 0 and (i + 1) % k == 0. A period does not survive removing layers: set k = 1
+    and list every kept dense layer in mlp_only_layers, so each keeps its MLP kind."""
+    step = getattr(config, "decoder_sparse_step", None)
+    if not isinstance(step, int) or step == 1 or not hasattr(config, "mlp_only_layers"):
+        return
+    dense_only = set(getattr(config, "mlp_only_layers", None) or ())
+    experts = getattr(config, "num_experts", 0) or 0
+    dense = [i for i in range(config.num_hidden_layers)
+             if i in dense_only or not (experts > 0 and (i + 1) % step == 0)]
+    new["decoder_sparse_step"] = 1
+    new["mlp_only_layers"] = dense  # original indices: remapped with the other index lists
+
+
+def _sliding_pattern(layer_types: list[str]) -> int | None:
+    """The period p with layer_types[i] == "full_attention" iff (i + 1) % p == 0, if any."""
+    for p in range(1, len(layer_types) + 2):
+        if all((lt == "full_attention") == ((i + 1) % p == 0) for i, lt in enumerate(layer_types)):
+            return p
+    return None
+
+
+def pruned_config(config, keep: list[int]):
+    """Copy of `config` describing the model with only `keep` layers (original indices)."""
     n = config.num_hidden_layers
+    new_index = {old: i for i, old in enumerate(keep)}
     new = copy.deepcopy(config)
     for key in ("quantization_config",):
         if hasattr(new, key):
@@ -70,15 +106,55 @@ def pruned_config(config, keep: list[int]):
                 delattr(new, key)
             except AttributeError:
                 setattr(new, key, None)
-    for key, value in list(vars(new).items()):
-        if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures":
-            setattr(new, key, type(value)(value[i] for i in keep))
-    for key in adapter.window_threshold_config if adapter else ():
-        threshold = getattr(config, key, None)
-        if isinstance(threshold, int):
-            setattr(new, key, sum(1 for i in keep if i < threshold))
+    values = dict(vars(new))
+    changed: dict = {}
+    _explicit_sparse_step(config, changed, keep)
+    values.update(changed)
+    for key, value in values.items():
+        if key in INDEX_LIST_FIELDS and isinstance(value, (list, tuple)):
+            changed[key] = type(value)(new_index[i] for i in value if i in new_index)
+        elif _per_layer_list(key, value, n):
+            changed[key] = type(value)(value[i] for i in keep)
+        elif key in BELOW_THRESHOLD_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            changed[key] = sum(1 for i in keep if i < value)
+    for key, value in changed.items():
+        setattr(new, key, value)
+    layer_types = getattr(new, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):  # authoritative: make the period agree with it
+        period = _sliding_pattern(list(layer_types))
+        for key in SLIDING_PATTERN_FIELDS:
+            if isinstance(vars(new).get(key), int) and period is not None:
+                setattr(new, key, period)
+            elif key.startswith("_") and key in vars(new):
+                delattr(new, key)  # private (not saved): only a stale default if kept
     new.num_hidden_layers = len(keep)
     return new
+
+
+def check_layer_structure(config, state: dict[str, torch.Tensor], layers_path: str) -> None:
+    """The model `config` builds must have decoder layers with exactly the parameter names and
+    shapes of the kept layers in `state` (a layer kind, e.g. dense vs MoE MLP, that a config
+    field failed to carry over shows up here). Builds the model on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    prefix = layers_path + "."
+
+    def layer_shapes(items) -> dict[str, tuple]:
+        return {k: tuple(v.shape) for k, v in items if k.startswith(prefix)}
+
+    want = layer_shapes(fresh.state_dict().items())
+    got = layer_shapes(state.items())
+    if want == got:
+        return
+    differ = (set(want) ^ set(got)) | {k for k in set(want) & set(got) if want[k] != got[k]}
+    bad = sorted({int(k[len(prefix):].split(".", 1)[0]) for k in differ})
+    raise ValueError(
+        f"the pruned config of {config.model_type} builds decoder layers {bad} unlike the kept "
+        "layers (parameter names or shapes differ): a per-layer config field of this family "
+        "is not carried over by e3pruner.models.export.pruned_config; add its meaning there "
+        "(see 'Model families' in the README)")
 
 
 def _renumbered_state_dict(model: nn.Module, keep: list[int]) -> dict[str, torch.Tensor]:
@@ -240,6 +316,7 @@ def export_pruned(model: nn.Module, keep_layers, out_dir: str | Path, tokenizer=
     adapter = get_adapter(model)
     config = pruned_config(model.config, keep)
     state = _renumbered_state_dict(model, keep)
+    check_layer_structure(config, state, adapter.layers_path)
     head_key = adapter.head_path + ".weight"
     embed_key = adapter.embed_path + ".weight"
     if head_key in state and embed_key in state:

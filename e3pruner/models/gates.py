@@ -121,6 +121,20 @@ def gated(model: nn.Module, mask: torch.Tensor | None):
         state.mask = previous
 
 
+@contextmanager
+def all_gates_on(model: nn.Module):
+    """Run a block with every gate on, without installing gates on a model that has none."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        yield model
+        return
+    previous, state.mask = state.mask, None
+    try:
+        yield model
+    finally:
+        state.mask = previous
+
+
 def keep_mask(num_layers: int, keep_layers, device=None) -> torch.Tensor:
     """Float 0/1 mask [L] with ones at `keep_layers`."""
     mask = torch.zeros(num_layers, device=device)

@@ -40,7 +40,8 @@ from e3pruner.distributed import SINGLE, DistContext
 from e3pruner.losses import flat_head_input, kd_from_hidden
 from e3pruner.models.activations import final_hidden
 from e3pruner.models.export import remove_layers_inplace
-from e3pruner.models.families import decoder_layers, embed_tokens, final_norm, lm_head
+from e3pruner.models.families import (decoder_layers, embed_tokens, final_norm, kd_head_kwargs,
+                                      lm_head)
 from e3pruner.models.gates import remove_gates
 from e3pruner.recovery.parallel import (
     full_params,
@@ -259,7 +260,8 @@ def _micro_batch(student_forward, teacher, data: PruneData, idx: int, cfg: Recov
             ce = dict(labels=next_token_labels(ids).reshape(-1), compute_ce=True,
                       ce_weight=cfg.ce_weight, check_labels=False)  # (token ids: in range)
         out = kd_from_hidden(hs, ws, ht, wt, amp=cfg.amp, temperature=cfg.temperature,
-                             kl=cfg.kl, weighting=cfg.weighting, reduction="sum", **ce)
+                             kl=cfg.kl, weighting=cfg.weighting, reduction="sum", **ce,
+                             **kd_head_kwargs(teacher))
     else:
         cache_obj, cache_row = cache
         rows = [cache_row[int(b)] for b in dist.shard(batch_rows(data, idx, cfg.batch_size))]
@@ -268,7 +270,8 @@ def _micro_batch(student_forward, teacher, data: PruneData, idx: int, cfg: Recov
         out = fused_linear_kd_loss_topk(hs2, ws, t_ids.reshape(hs2.shape[0], -1).to(device),
                                         t_lp.reshape(hs2.shape[0], -1).to(device),
                                         temperature=cfg.temperature,
-                                        weighting=cfg.weighting, reduction="sum")
+                                        weighting=cfg.weighting, reduction="sum",
+                                        **kd_head_kwargs(teacher))
     scale = cfg.grad_accum * ids.numel()
     return out, scale
 

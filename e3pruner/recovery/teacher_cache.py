@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from e3pruner.models.activations import final_hidden
-from e3pruner.models.families import lm_head
+from e3pruner.models.families import kd_head_kwargs, lm_head
 from e3pruner.train import write_json
 
 
@@ -25,7 +25,7 @@ def build_teacher_cache(teacher, blocks: torch.Tensor, out_dir: str | Path, k: i
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weight = lm_head(teacher).weight
+    weight, head = lm_head(teacher).weight, kd_head_kwargs(teacher)
     device = weight.device
     n = blocks.shape[0]
     shards = []
@@ -41,7 +41,7 @@ def build_teacher_cache(teacher, blocks: torch.Tensor, out_dir: str | Path, k: i
             ids = blocks[i:min(i + batch_size, s0 + shard_blocks, n)].to(device)
             with torch.no_grad():
                 ht = final_hidden(teacher, ids)
-                top = teacher_topk(ht.reshape(-1, ht.shape[-1]), weight, k)
+                top = teacher_topk(ht.reshape(-1, ht.shape[-1]), weight, k, **head)
             ids_all.append(top[0].reshape(ids.shape[0], ids.shape[1], k).to(torch.int32).cpu())
             lp_all.append(top[1].reshape(ids.shape[0], ids.shape[1], k).float().cpu())
             bar.update(ids.shape[0])

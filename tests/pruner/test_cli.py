@@ -12,7 +12,8 @@ from tests.pruner.tiny_models import tiny_model
 def test_info_lists_families(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for fam in ("llama", "mistral", "qwen2", "qwen3"):
+    for fam in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "qwen3_moe",
+                "deepseek_v3"):
         assert fam in out
 
 
@@ -27,7 +28,8 @@ def test_info_on_local_model(tmp_path, capsys):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="b").save_pretrained(d)
     assert main(["info", "--model", str(d), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out.split("\n", 5)[-1])
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("\n{") + 1:])  # after the list of tested families
     assert info["layers"] == 6 and info["model_type"] == "qwen3" and info["vocab"] == 211
     assert info["params"] == sum(p.numel() for p in model.parameters())
 

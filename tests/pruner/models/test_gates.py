@@ -5,7 +5,8 @@ import torch
 
 from e3pruner.models.export import remove_layers_inplace
 from e3pruner.models.gates import gated, get_mask, install_gates, keep_mask, remove_gates, set_mask
-from e3pruner.models import UnsupportedArchitectureError, decoder_layers, get_adapter
+from e3pruner.models import (UnsupportedArchitectureError, adapter_for_config, decoder_layers,
+                             get_adapter)
 from tests.pruner.tiny_models import FAMILIES, tiny_model
 
 
@@ -144,13 +145,25 @@ def test_bad_mask_shape_and_keep_range():
 
 
 def test_unsupported_architecture_lists_families():
+    from transformers import T5Config
+
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        adapter_for_config(T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8))
+    msg = str(err.value)
+    for fam in ("t5", "llama", "qwen2", "qwen3", "mistral"):
+        assert fam in msg
+
+
+@torch.no_grad()
+def test_an_untested_family_works_through_the_generic_adapter():
+    """GPT-2 keeps its layers in transformer.h and its final norm in transformer.ln_f."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError) as err:
-        get_adapter(model)
-    msg = str(err.value)
-    for fam in ("llama", "qwen2", "qwen3", "mistral"):
-        assert fam in msg
-    with pytest.raises(UnsupportedArchitectureError):
-        install_gates(model)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=50)).eval()
+    adapter = get_adapter(model)
+    assert (adapter.layers_path, adapter.norm_path) == ("transformer.h", "transformer.ln_f")
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = remove_layers_inplace(copy.deepcopy(model), [0, 2])(ids).logits
+    set_mask(model, keep_mask(3, [0, 2]))
+    assert torch.allclose(model(ids).logits, want, atol=1e-5)
