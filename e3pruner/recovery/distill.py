@@ -373,6 +373,8 @@ def recover(student, teacher, data: PruneData, cfg: RecoveryConfig, *, keep: lis
 
     ws = lm_head(student).weight
     wt = lm_head(teacher).weight
+    kd_head_kwargs(teacher)  # the head is checked once, on the teacher's own weights (the
+    # result is cached on the model, and so on its amp copy)
     teacher_forward = teacher if cache is not None else frozen_amp_copy(
         teacher, cfg.amp, list(decoder_layers(teacher)))
     bar = tqdm(total=steps, initial=start, desc="recovery (KD)", unit="step",

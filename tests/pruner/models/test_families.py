@@ -115,7 +115,8 @@ def test_e3_search_recovery_export(family, tmp_path):
     assert all(v == v for v in sel.scores) and all(v > 0 for v in sel.info["init_kl"])
     student = make_student(model, sel.keep)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    cfg = RecoveryConfig(tokens=2 * 32 * 2, batch_size=2, lr=1e-3, amp=None)
+    cfg = RecoveryConfig(tokens=2 * 32 * 2, batch_size=2, lr=1e-3, amp="bf16")  # (the teacher
+    # then runs as its amp copy, checked head transform included)
     student, summary = recover(student, model, data, cfg, keep=sel.keep, progress=False)
     assert summary["steps"] == 2
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
