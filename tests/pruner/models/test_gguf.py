@@ -385,7 +385,8 @@ def test_cli_info_eval_ppl_and_bad_gguf(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("e3pruner.models.loading.default_cache_dir", lambda: tmp_path / "c")
     src = write_tiny_gguf(tmp_path / "m" / "tiny.gguf", seed=8)
     assert main(["info", "--model", str(tmp_path / "m"), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out.split("\n", 5)[-1])
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("\n{") + 1:])  # after the list of tested families
     assert info["layers"] == 6 and info["model_type"] == "llama"
     (tmp_path / "held.txt").write_text(markov_text(10, seed=3))
     assert main(["eval-ppl", "--model", str(src), "--data", str(tmp_path / "held.txt"),
