@@ -9,6 +9,12 @@
           tau anneals exponentially tau_start -> tau_end; a curriculum raises the number
           of pruned layers linearly from 1 to n over the first `curriculum` fraction.
 3. final  keep = top-k(alpha), k = L - n.
+4. polish local search on that hard mask (`polish_evals` > 0): swap moves (one kept layer
+          out, one removed layer in) scored exactly by the hard mask's KD loss
+          (eval/mask_kd.py) on `polish_batches` batches of training blocks that the
+          search did not use; the least certain pairs (closest alpha) are tried first, the
+          first swap that lowers the loss is taken, until no swap among the `polish_width`
+          least certain ones does or the evaluations are spent.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from tqdm.auto import tqdm
 from e3pruner.amp import autocast
 from e3pruner.data import batch_at
 from e3pruner.distributed import SINGLE, DistContext
+from e3pruner.eval.mask_kd import MaskKDScorer
 from e3pruner.losses import kd_from_hidden
 from e3pruner.methods.base import Budget, PruneData, Selection, check_n_prune, register
 from e3pruner.models.activations import hidden_from, layer_inputs
@@ -53,6 +60,9 @@ class E3Config:
     temperature: float = 1.0
     mc_samples: int = 2048  # Monte-Carlo draws to log per-layer keep probabilities
     amp: str | None = None  # "bf16": autocast the frozen model's forward/backward
+    polish_evals: int = 40  # exact hard-mask evaluations of the swap polish (0: no polish)
+    polish_batches: int = 2  # batches of training blocks (after the search's) it scores on
+    polish_width: int = 16  # swap candidates tried around each mask (least certain first)
 
     def validate(self) -> None:
         if self.estimator not in ("score", "st"):
@@ -63,6 +73,10 @@ class E3Config:
                              "mask per sample")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("polish_evals", "polish_batches", "polish_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 @torch.no_grad()
@@ -300,6 +314,55 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
 
     final = alpha.detach().cpu()
     keep = sorted(torch.topk(final, n - n_prune).indices.tolist())
-    return Selection(keep=keep, num_layers=n, scores=final.tolist(), tokens=steps * tokens_per_step,
-                     info={"config": asdict(cfg), "steps": steps,
-                           "init_kl": None if init_kl is None else init_kl.tolist()})
+    info = {"config": asdict(cfg), "steps": steps,
+            "init_kl": None if init_kl is None else init_kl.tolist()}
+    tokens = steps * tokens_per_step
+    if cfg.polish_evals and cfg.polish_batches and cfg.polish_width:
+        ids = torch.cat([batch_at(data, steps + j, budget.batch_size)
+                         for j in range(cfg.polish_batches)])
+        scorer = MaskKDScorer(model, ids, amp=cfg.amp, weighting=cfg.weighting,
+                              temperature=cfg.temperature, batch_size=budget.batch_size)
+        keep, info["polish"] = polish_mask(scorer, keep, final, cfg.polish_evals,
+                                           cfg.polish_width, progress=budget.progress
+                                           and dist.is_main)
+        tokens += scorer.tokens
+    return Selection(keep=keep, num_layers=n, scores=final.tolist(), tokens=tokens, info=info)
+
+
+def swap_candidates(keep: list[int], scores: torch.Tensor, width: int) -> list[tuple[int, int]]:
+    """The `width` swaps (kept layer out, removed layer in) of `keep` whose two layers have
+    the closest scores, closest first (ties by layer index, so the order is fixed)."""
+    kept = set(keep)
+    removed = [i for i in range(scores.numel()) if i not in kept]
+    pairs = [(abs(float(scores[k]) - float(scores[r])), k, r) for k in keep for r in removed]
+    return [(k, r) for _, k, r in sorted(pairs)[:width]]
+
+
+def polish_mask(scorer: MaskKDScorer, keep: list[int], scores: torch.Tensor, evals: int,
+                width: int, progress: bool = False) -> tuple[list[int], dict]:
+    """First-improvement local search over swap moves of the hard mask `keep`, each scored
+    by `scorer.loss` (exact, weights frozen); at most `evals` new masks are scored. Returns
+    (the best keep found, a record of the moves and losses)."""
+    keep = sorted(keep)
+    start = best = scorer.loss(keep)
+    spent, moves = 0, []
+    bar = tqdm(total=evals, desc="e3 swap polish", unit="mask", disable=not progress)
+    improved = True
+    while improved and spent < evals:
+        improved = False
+        for k, r in swap_candidates(keep, scores, width):
+            if spent >= evals:
+                break
+            cand = sorted((set(keep) - {k}) | {r})
+            before = scorer.evaluations
+            loss = scorer.loss(cand)
+            spent += scorer.evaluations - before
+            bar.update(scorer.evaluations - before)
+            if loss < best:
+                moves.append({"out": k, "in": r, "loss": loss})
+                keep, best, improved = cand, loss, True
+                bar.set_postfix(loss=f"{best:.4f}", swaps=len(moves))
+                break
+    bar.close()
+    return keep, {"loss_before": start, "loss_after": best, "moves": moves,
+                  "evaluations": spent, "tokens": scorer.tokens}
