@@ -1,7 +1,10 @@
 """Self-Pruner (Huang et al. 2025, "Towards Efficient Automatic Self-Pruning of Large
 Language Models", arXiv 2502.14413): evolutionary search over pruning configurations in
 which an LLM writes the initial population and performs selection, crossover and mutation
-through prompts (llm_operator.py); classic operators are the fallback and an option.
+through prompts (llm_operator.py); a local operator model's answers are decoded under a
+grammar that admits only valid genomes meeting the budget (constrained.py); classic
+operators are the fallback and an option. info["operator_shares"]: the share of llm_ok /
+repaired / fallback / classic operations.
 
 Search spaces (a genome is hashable; fitness is cached by genome):
 * "layers" (registered "self-pruner"): the sorted tuple of the n removed layers (exactly
