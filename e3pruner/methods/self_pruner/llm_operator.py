@@ -27,12 +27,23 @@ the answer, otherwise it is a fallback):
 * parent pool (distinct population indices): out-of-range and repeated indices dropped,
   cut to the pool size or filled by the classic tournament; fewer than 2 usable: fallback.
 * mutation: a valid answer equal to its input is repaired by one classic mutation step.
+
+Constrained decoding (`constrained=True`, a local `ChatModel` only; constrained.py): each
+answer is decoded under a grammar that admits only the asked JSON with valid genomes
+(layer sets: exactly n distinct layers of [0, L); rates: L grid values with the budgeted
+sum; parents: `pool` distinct population indices), different from the forbidden genomes
+(init: the population so far and the answer's other sets; mutation: its input). Every
+answer is then llm_ok; an answer that still fails validation is a bug: it is logged,
+counted in `violations` and replaced by the classic operator (fallback, never repaired).
+Init genomes that repeat a genome of another answer of the same batch are asked again,
+one prompt at a time, with the grown population forbidden.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import random
 import re
@@ -42,6 +53,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+from e3pruner.methods.self_pruner.constrained import (
+    AnswerGrammar,
+    GrammarLogitsProcessor,
+    ListSpec,
+    eos_ids,
+    token_vocabulary,
+)
+
+log = logging.getLogger(__name__)
 
 Messages = list[dict]
 ChatFn = Callable[[Messages], str]
@@ -250,7 +271,9 @@ class ChatModel:
     Sampling is seeded per call (seed, call index) without touching the global RNG.
     max_new_tokens: the default answer length; `batch(..., max_new_tokens=k)` overrides it.
     prefill: text the assistant's answer starts with (e.g. '{"child": ['); it is appended
-    after the chat template's generation prompt and returned as part of the answer."""
+    after the chat template's generation prompt and returned as part of the answer.
+    grammars (one per conversation, None = free): answers decoded under
+    GrammarLogitsProcessor; the length is then the grammar's bound (it always ends)."""
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 128, temperature: float = 0.7,
                  seed: int = 0, batch_size: int = 8):
@@ -266,9 +289,12 @@ class ChatModel:
 
     @torch.no_grad()
     def batch(self, conversations: list[Messages], max_new_tokens: int | None = None,
-              prefill: str = "") -> list[str]:
+              prefill: str = "", grammars: list[AnswerGrammar | None] | None = None
+              ) -> list[str]:
         tok = self.tokenizer
         max_new = max_new_tokens or self.max_new_tokens
+        if grammars is not None and len(grammars) != len(conversations):
+            raise ValueError(f"{len(grammars)} grammars for {len(conversations)} conversations")
         device = next(self.model.parameters()).device
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + prefill
                  for m in conversations]
@@ -282,10 +308,22 @@ class ChatModel:
                 sample = self.temperature > 0
                 kw = dict(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0) \
                     if sample else dict(do_sample=False)
+                chunk = grammars[i:i + self.batch_size] if grammars is not None else None
+                if chunk is not None and any(g is not None for g in chunk):
+                    from transformers import LogitsProcessorList
+
+                    eos = eos_ids(self.model, tok)
+                    proc = GrammarLogitsProcessor(chunk, token_vocabulary(tok), eos, prefill)
+                    kw.update(logits_processor=LogitsProcessorList([proc]), eos_token_id=eos)
+                    n_new = max(g.max_chars for g in chunk if g is not None) + 1
+                    if any(g is None for g in chunk):
+                        n_new = max(n_new, max_new)
+                else:
+                    n_new = max_new
                 devices = [device] if device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(self.seed * 1_000_003 + self.calls)
-                    out = self.model.generate(**enc, max_new_tokens=max_new,
+                    out = self.model.generate(**enc, max_new_tokens=n_new,
                                               pad_token_id=tok.pad_token_id, **kw)
                 self.calls += 1
                 new = out[:, enc["input_ids"].shape[1]:]
@@ -296,14 +334,15 @@ class ChatModel:
 
 
 def chat_many(chat: ChatFn, conversations: list[Messages],
-              max_new_tokens: int | None = None, prefill: str = "") -> list[str]:
+              max_new_tokens: int | None = None, prefill: str = "",
+              grammars: list[AnswerGrammar | None] | None = None) -> list[str]:
     """Answers to several conversations: batched when the chat model can, else one by one.
-    max_new_tokens and prefill (the answer's forced start) apply to a ChatModel only; a
-    plain callable gets the messages alone."""
+    max_new_tokens, prefill (the answer's forced start) and grammars (constrained
+    decoding) apply to a ChatModel only; a plain callable gets the messages alone."""
     if not conversations:
         return []
     if isinstance(chat, ChatModel):
-        return chat.batch(conversations, max_new_tokens, prefill)
+        return chat.batch(conversations, max_new_tokens, prefill, grammars)
     if hasattr(chat, "batch"):
         return list(chat.batch(conversations))
     return [chat(m) for m in conversations]
@@ -351,6 +390,7 @@ class Space(Protocol):
     def answer_format(self, key: str) -> str: ...
     def fmt(self, genome) -> str: ...
     def from_items(self, items: Sequence, rng: random.Random) -> tuple[Any, str]: ...
+    def list_spec(self) -> ListSpec: ...  # what a genome's JSON list may hold
     def random(self, rng: random.Random): ...
     def crossover(self, a, b, rng: random.Random): ...
     def mutate(self, genome, rng: random.Random): ...
@@ -371,12 +411,30 @@ class OpCounts:
         return self.llm_ok + self.repaired + self.fallback + self.classic
 
 
+def operator_shares(counts: dict[str, OpCounts]) -> dict[str, float | int]:
+    """Over all operations of all operators: the share of each outcome (llm_ok, repaired,
+    fallback, classic; they sum to 1) and the number of operations."""
+    total = sum(c.total for c in counts.values())
+    out: dict[str, float | int] = {
+        k: (sum(getattr(c, k) for c in counts.values()) / total if total else 0.0)
+        for k in (OK, REPAIRED, FALLBACK, "classic")}
+    out["operations"] = total
+    return out
+
+
+def _head(key: str, groups: bool) -> tuple[str, str]:
+    """(answer start, answer end) around the numbers: '{"key": [' / '}' ('[[' / ']}')."""
+    return (f'{{"{key}": [[', "]}") if groups else (f'{{"{key}": [', "}")
+
+
 @dataclass
 class LLMOperators:
     """Initial population, parent selection, crossover and mutation by prompting `chat`;
     every output is validated/repaired, and replaced by the classic operator (fallback)
     when unusable. `tournament(fitness, k, rng) -> k distinct indices` is the classic
-    selection. Counters: per generated genome (init), per call (the others)."""
+    selection. Counters: per generated genome (init), per call (the others).
+    constrained: decode a ChatModel's answers under their grammar (module docstring);
+    `violations` counts constrained answers that still failed validation (bugs)."""
 
     chat: ChatFn
     space: Space
@@ -385,23 +443,46 @@ class LLMOperators:
     init_per_call: int = 2
     max_new_tokens: int | None = None  # None: sized to the requested answer (`_budget`)
     prefill: bool = True  # start a ChatModel's answers with the JSON key (e.g. '{"child": [')
+    constrained: bool = True
     counts: dict[str, OpCounts] = field(default_factory=lambda: {
         k: OpCounts() for k in ("init", "selection", "crossover", "mutation")})
     samples: dict[str, list[str]] = field(default_factory=dict)
     keep_samples: int = 2
     seconds: float = 0.0  # wall time spent in the chat model
+    violations: int = 0
+    init_retries: int = 0  # init prompts asked again for repeated genomes (constrained)
+
+    @property
+    def is_constrained(self) -> bool:
+        return self.constrained and isinstance(self.chat, ChatModel)
 
     def _budget(self, answer_tokens: int) -> int:
         """New tokens for an answer of ~answer_tokens: 1.25 x + 24 (key, fences, slack)."""
         auto = int(1.25 * answer_tokens) + 24
         return min(auto, self.max_new_tokens) if self.max_new_tokens else auto
 
-    def _ask(self, op: str, prompts: list[str], answer_tokens: int, prefill: str) -> list[str]:
+    def _grammar(self, key: str, spec: ListSpec | None = None, groups: int = 0,
+                 forbidden=()) -> AnswerGrammar | None:
+        """The answer grammar for `key` (groups > 0: that many lists, the "sets" form), or
+        None when not constrained or when no answer can meet it (the space is exhausted)."""
+        if not self.is_constrained:
+            return None
+        head, tail = _head(key, groups > 0)
+        try:
+            return AnswerGrammar(spec or self.space.list_spec(), head, tail, max(groups, 1),
+                                 forbidden)
+        except ValueError as err:
+            log.info("self-pruner: no constrained answer for %r (%s)", key, err)
+            return None
+
+    def _ask(self, op: str, prompts: list[str], answer_tokens: int, prefill: str,
+             grammars: list[AnswerGrammar | None] | None = None) -> list[str]:
         convs = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": p}]
                  for p in prompts]
         t0 = time.perf_counter()
         answers = chat_many(self.chat, convs, self._budget(answer_tokens),
-                            prefill if self.prefill else "")
+                            prefill if self.prefill else "",
+                            grammars if self.is_constrained else None)
         self.seconds += time.perf_counter() - t0
         if len(answers) != len(prompts):
             raise RuntimeError(f"chat returned {len(answers)} answers to {len(prompts)} prompts")
@@ -410,6 +491,16 @@ class LLMOperators:
             kept.append(str(a)[:400])
         return answers
 
+    def _checked(self, op: str, genome, status: str, answer: str, constrained: bool):
+        """(genome, status) with a constrained answer that is not llm_ok turned into a
+        logged violation: (None, FALLBACK)."""
+        if constrained and status != OK:
+            self.violations += 1
+            log.warning("self-pruner: the constrained %s answer %r failed validation (%s); "
+                        "using the classic operator", op, str(answer)[:200], status)
+            return None, FALLBACK
+        return genome, status
+
     @staticmethod
     def _lists(answer: str) -> list[list]:
         try:
@@ -417,28 +508,53 @@ class LLMOperators:
         except ValueError:
             return []
 
+    def _init_prompt(self, m: int) -> str:
+        return (f"{self.space.describe()}\nPropose {m} different candidate configurations. "
+                f"Answer with JSON only: {self.space.answer_format('sets')}")
+
+    def _init_genomes(self, answer: str, m: int, constrained: bool) -> list[tuple[Any, str]]:
+        """m (genome, status) from an init answer; None genome: unusable."""
+        lists = self._lists(answer)
+        out = []
+        for j in range(m):
+            g, status = (self.space.from_items(lists[j], self.rng) if j < len(lists)
+                         else (None, FALLBACK))
+            out.append(self._checked("init", g, status, answer, constrained))
+        return out
+
     def initial(self, k: int) -> list:
         sp = self.space
         calls = math.ceil(k / self.init_per_call)
-        prompts = []
-        for c in range(calls):
-            m = min(self.init_per_call, k - c * self.init_per_call)
-            prompts.append(f"{sp.describe()}\nPropose {m} different candidate configurations. "
-                           f"Answer with JSON only: {sp.answer_format('sets')}")
-        answers = self._ask("init", prompts,
-                            min(k, self.init_per_call) * (sp.answer_tokens + 2), '{"sets": [[')
+        sizes = [min(self.init_per_call, k - c * self.init_per_call) for c in range(calls)]
+        grammars = [self._grammar("sets", groups=m) for m in sizes]
+        answers = self._ask("init", [self._init_prompt(m) for m in sizes],
+                            min(k, self.init_per_call) * (sp.answer_tokens + 2), '{"sets": [[',
+                            grammars)
+        slots = [gs for m, grammar, answer in zip(sizes, grammars, answers)
+                 for gs in self._init_genomes(answer, m, grammar is not None)]
         pop: list = []
-        for c, answer in enumerate(answers):
-            m = min(self.init_per_call, k - c * self.init_per_call)
-            lists = self._lists(answer)
-            for j in range(m):
-                g, status = (sp.from_items(lists[j], self.rng) if j < len(lists)
-                             else (None, FALLBACK))
-                if g is None or g in pop:
-                    g, status = distinct_random(sp, pop, self.rng), FALLBACK
-                pop.append(g)
-                self.counts["init"].add(status)
+        for g, status in slots:
+            if g is not None and g in pop and self.is_constrained:
+                g, status = self._init_again(pop)
+            if g is None or g in pop:
+                g, status = distinct_random(sp, pop, self.rng), FALLBACK
+            pop.append(g)
+            self.counts["init"].add(status)
         return pop
+
+    def _init_again(self, pop: list) -> tuple[Any, str]:
+        """One init genome not in `pop`, asked alone with `pop` forbidden; (None, FALLBACK)
+        when the space has no other genome or the answer fails."""
+        grammar = self._grammar("sets", groups=1, forbidden=pop)
+        if grammar is None:
+            return None, FALLBACK
+        self.init_retries += 1
+        answer = self._ask("init", [self._init_prompt(1)], self.space.answer_tokens + 2,
+                           '{"sets": [[', [grammar])[0]
+        g, status = self._init_genomes(answer, 1, True)[0]
+        if g in pop:
+            return self._checked("init", g, "repeat", answer, True)
+        return g, status
 
     def select(self, population: list, fitness: list[float], pool_size: int) -> list[int]:
         sp = self.space
@@ -447,7 +563,10 @@ class LLMOperators:
         prompt = (f"{sp.describe()}\nLower perplexity is better. Current population:\n{lines}\n"
                   f"Choose {pool_size} different candidates (by index) as parents for the next "
                   f"generation. Answer with JSON only: {{\"parents\": [index, ...]}}")
-        lists = self._lists(self._ask("selection", [prompt], 4 * pool_size, '{"parents": [')[0])
+        spec = ListSpec({str(i): i for i in range(len(population))}, pool_size, distinct=True)
+        grammar = self._grammar("parents", spec)
+        answer = self._ask("selection", [prompt], 4 * pool_size, '{"parents": [', [grammar])[0]
+        lists = self._lists(answer)
         pool: list[int] = []
         dropped = not lists
         for x in (lists[0] if lists else []):
@@ -456,10 +575,11 @@ class LLMOperators:
                 dropped = True
             else:
                 pool.append(v)
-        if len(pool) < 2:
+        status = OK if not dropped and len(pool) == pool_size else REPAIRED
+        if len(pool) < 2 or self._checked("selection", pool, status, answer,
+                                          grammar is not None)[0] is None:
             self.counts["selection"].add(FALLBACK)
             return self.tournament(fitness, pool_size, self.rng)
-        status = OK if not dropped and len(pool) == pool_size else REPAIRED
         pool = pool[:pool_size]
         if len(pool) < pool_size:
             rest = [i for i in range(len(population)) if i not in pool]
@@ -473,10 +593,14 @@ class LLMOperators:
         prompts = [f"{sp.describe()}\nParent A: {sp.fmt(a)}\nParent B: {sp.fmt(b)}\n"
                    "Combine the two parents into one child configuration that mixes them. "
                    f"Answer with JSON only: {sp.answer_format('child')}" for a, b in pairs]
+        grammar = self._grammar("child")
+        answers = self._ask("crossover", prompts, sp.answer_tokens, '{"child": [',
+                            [grammar] * len(pairs))
         children = []
-        for (a, b), answer in zip(pairs, self._ask("crossover", prompts, sp.answer_tokens, '{"child": [')):
+        for (a, b), answer in zip(pairs, answers):
             lists = self._lists(answer)
             g, status = sp.from_items(lists[0], self.rng) if lists else (None, FALLBACK)
+            g, status = self._checked("crossover", g, status, answer, grammar is not None)
             if g is None:
                 g = sp.crossover(a, b, self.rng)
             self.counts["crossover"].add(status)
@@ -488,14 +612,17 @@ class LLMOperators:
         prompts = [f"{sp.describe()}\nCandidate: {sp.fmt(g)}\nMutate it: change it slightly so "
                    "that it stays a valid configuration. "
                    f"Answer with JSON only: {sp.answer_format('child')}" for g in genomes]
+        grammars = [self._grammar("child", forbidden=[g]) for g in genomes]
         out = []
-        for g0, answer in zip(genomes, self._ask("mutation", prompts, sp.answer_tokens, '{"child": [')):
+        for g0, grammar, answer in zip(genomes, grammars, self._ask(
+                "mutation", prompts, sp.answer_tokens, '{"child": [', grammars)):
             lists = self._lists(answer)
             g, status = sp.from_items(lists[0], self.rng) if lists else (None, FALLBACK)
-            if g is None:
+            if g is not None and g == g0:
+                status = REPAIRED
+            g, status = self._checked("mutation", g, status, answer, grammar is not None)
+            if g is None or g == g0:
                 g = sp.mutate(g0, self.rng)
-            elif g == g0:
-                g, status = sp.mutate(g0, self.rng), REPAIRED
             self.counts["mutation"].add(status)
             out.append(g)
         return out

@@ -1,7 +1,10 @@
 """Self-Pruner (Huang et al. 2025, "Towards Efficient Automatic Self-Pruning of Large
 Language Models", arXiv 2502.14413): evolutionary search over pruning configurations in
 which an LLM writes the initial population and performs selection, crossover and mutation
-through prompts (llm_operator.py); classic operators are the fallback and an option.
+through prompts (llm_operator.py); a local operator model's answers are decoded under a
+grammar that admits only valid genomes meeting the budget (constrained.py); classic
+operators are the fallback and an option. info["operator_shares"]: the share of llm_ok /
+repaired / fallback / classic operations.
 
 Search spaces (a genome is hashable; fitness is cached by genome):
 * "layers" (registered "self-pruner"): the sorted tuple of the n removed layers (exactly
@@ -56,10 +59,12 @@ from tqdm.auto import tqdm
 
 from e3pruner.methods.self_pruner.llm_operator import (
     LLMOperators,
+    ListSpec,
     OpCounts,
     balance_units,
     distinct_random,
     make_chat,
+    operator_shares,
     repair_layer_set,
     repair_rates,
 )
@@ -94,6 +99,7 @@ class SelfPrunerConfig:
     temperature: float = 0.7  # <= 0: greedy decoding
     operator_batch: int = 8  # prompts per generate call
     prefill: bool = True  # force a local chat model's answer to start with the JSON key
+    constrained: bool = True  # decode a local chat model's answers under their grammar
     init_per_call: int = 2  # initial-population genomes asked for per prompt
     seed: int | None = None  # None: Budget.seed
     space: str = "layers"  # "layers" or "width"
@@ -178,6 +184,10 @@ class LayerSpace:
     def from_items(self, items, rng):
         return repair_layer_set(items, self.num_layers, self.n, rng)
 
+    def list_spec(self) -> ListSpec:
+        """A genome's JSON list: n distinct integers "0".."L-1"."""
+        return ListSpec({str(i): i for i in range(self.num_layers)}, self.n, distinct=True)
+
     def random(self, rng: random.Random):
         return tuple(sorted(rng.sample(range(self.num_layers), self.n)))
 
@@ -251,6 +261,17 @@ class WidthSpace:
 
     def from_items(self, items, rng):
         return repair_rates(items, self.num_layers, self.step, self.max_units, self.target_units)
+
+    def list_spec(self) -> ListSpec:
+        """A genome's JSON list: L rates written as in `describe` (e.g. "0.1"; "0" and "1"
+        too), value = rate units, summing to target_units."""
+        literals = {}
+        for u in range(self.max_units + 1):
+            r = round(u * self.step, 6)
+            literals[repr(r)] = u
+            if r == int(r):
+                literals[str(int(r))] = u
+        return ListSpec(literals, self.num_layers, total=self.target_units)
 
     def random(self, rng: random.Random):
         raw = [rng.randint(0, self.max_units) for _ in range(self.num_layers)]
@@ -486,7 +507,7 @@ def _run(model, data: PruneData, n_prune: int, budget: Budget | None,
             ops = LLMOperators(chat, space,
                                lambda f, k, r: tournament(f, k, r, cfg.tournament_size), rng,
                                init_per_call=cfg.init_per_call, max_new_tokens=cfg.max_new_tokens,
-                               prefill=cfg.prefill)
+                               prefill=cfg.prefill, constrained=cfg.constrained)
         fitness = CalibFitness(model, calib, space, batch_size, cfg.prefix_cache)
         out = evolve(space, ops, fitness, cfg, rng, budget.progress)
     best = min(fitness.cache, key=lambda g: (fitness.cache[g], g))
@@ -496,6 +517,10 @@ def _run(model, data: PruneData, n_prune: int, budget: Budget | None,
         "best_ppl": fitness.cache[best], "full_model_ppl": fitness.full_ppl,
         "best_fitness": out["history"],
         "operator_counts": {k: vars(c).copy() for k, c in ops.counts.items()},
+        "operator_shares": operator_shares(ops.counts),
+        "operator_constrained": bool(getattr(ops, "is_constrained", False)),
+        "operator_violations": getattr(ops, "violations", 0),
+        "init_retries": getattr(ops, "init_retries", 0),
         "evaluations": fitness.evaluations, "cache_hits": fitness.hits,
         "dedup_mutations": out["dedup"], "stopped_early": out["stopped_early"],
         "llm_samples": ops.samples, "calib_shape": list(calib.shape),

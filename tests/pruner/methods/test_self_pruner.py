@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from e3pruner.methods.self_pruner.constrained import ListSpec
 from e3pruner.methods.self_pruner.llm_operator import (
     FALLBACK,
     OK,
@@ -375,3 +376,228 @@ def test_llm_operator_with_bundled_model(bundled):
     assert sel.info["llm_samples"]["init"]  # the raw answers are kept for inspection
     assert 1 < sel.info["full_model_ppl"] < sel.info["best_ppl"] < float("inf")
 
+
+
+# ----------------------------------------------------------------- constrained decoding
+
+def answer_tokenizer():
+    """Word-level tokenizer that can write JSON answers (every character of the formats,
+    some numbers, separators, keys) next to junk pieces; Fuse decoder (text = the pieces concatenated). Ids 0/1/2 =
+    pad/bos/eos as in tiny_config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = (["<pad>", "<s>", "</s>", "<unk>"] + list("0123456789.{}:\"childsetparn")
+              + ["10", "11", "12", "1,", "0.", ".5", "0.25", "0.5", "5]", ",", ", ", " ", "[",
+                 "]", "],", " [", "[[", "]]", "]}", "}", '{"', "child", '":', "sets", "parents",
+                 "x", "w1", "hello", "  ", ",,", "-1", "99", "]]}", "7, 7"])
+    tk = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>",
+                                  pad_token="<pad>", bos_token="<s>",
+                                  clean_up_tokenization_spaces=False)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def smollm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from e3pruner.models.loading import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+
+
+def _grammar_cases(big: bool):
+    """(name, spec, key, groups (0: one list), forbidden, check(values) for one group)."""
+    L, n = (30, 8) if big else (12, 4)
+    ls = LayerSpace(L, n)
+    tight = LayerSpace(4, 3)
+    ws = WidthSpace(L, n, 0.1, 0.9, None) if big else WidthSpace(6, 2, 0.25, 0.75, None)
+    P, k = (30, 15) if big else (13, 5)
+
+    def layer_set(space):
+        return lambda v: (len(v) == space.n and len(set(v)) == space.n
+                          and all(isinstance(x, int) and 0 <= x < space.num_layers for x in v))
+
+    def rates(v):
+        units = [x / ws.step for x in v]
+        return (len(v) == ws.num_layers and all(abs(u - round(u)) < 1e-9 for u in units)
+                and all(0 <= round(u) <= ws.max_units for u in units)
+                and sum(round(u) for u in units) == ws.target_units)
+
+    parents = lambda v: len(v) == k and len(set(v)) == k and all(0 <= x < P for x in v)  # noqa: E731
+    return [
+        ("child", ls.list_spec(), "child", 0, [], layer_set(ls)),
+        ("sets", ls.list_spec(), "sets", 3, [ls.random(random.Random(0))], layer_set(ls)),
+        ("mutation of a tight space", tight.list_spec(), "child", 0, [(0, 1, 2)], layer_set(tight)),
+        ("rates", ws.list_spec(), "child", 0, [], rates),
+        ("rate sets", ws.list_spec(), "sets", 2, [], rates),
+        ("parents", ListSpec({str(i): i for i in range(P)}, k, distinct=True), "parents", 0, [],
+         parents),
+    ]
+
+
+def _check_answer(text, key, groups, forbidden, check, distinct):
+    """Independent of the grammar: the JSON parses, holds the asked lists, each valid,
+    different from each other and from the forbidden ones."""
+    import json
+
+    value = json.loads(text)
+    assert list(value) == [key], text
+    lists = value[key] if groups else [value[key]]
+    assert len(lists) == max(groups, 1), text
+    keys = [tuple(sorted(v)) if distinct else tuple(v) for v in lists]
+    taken = {tuple(sorted(f)) if distinct else tuple(f) for f in forbidden}
+    assert len(set(keys)) == len(keys) and not set(keys) & taken, text
+    assert all(check(v) for v in lists), text
+
+
+def _decode_under(tok, grammars, logits, greedy, gen, prefill=True):
+    """Generate-like loop without a model: scores from logits(step) [B, V'] through the
+    processor, then argmax or a sample; the answers decoded as ChatModel does."""
+    from e3pruner.methods.self_pruner.constrained import GrammarLogitsProcessor, token_vocabulary
+
+    eos = [tok.eos_token_id]
+    heads = [g.head if prefill else "" for g in grammars]
+    assert len(set(heads)) == 1
+    proc = GrammarLogitsProcessor(grammars, token_vocabulary(tok), eos, heads[0])
+    ids = torch.full((len(grammars), 3), tok.pad_token_id)
+    for t in range(max(g.max_chars for g in grammars) + 1):
+        scores = proc(ids, logits(t))
+        assert torch.isfinite(scores).any(-1).all()
+        if greedy:
+            nxt = scores.argmax(-1, keepdim=True)
+        else:  # a sample among the admitted tokens (the others have probability 0)
+            nxt = torch.empty(len(grammars), 1, dtype=torch.long)
+            for b, row in enumerate(scores):
+                ok = torch.isfinite(row).nonzero()[:, 0]
+                nxt[b] = ok[torch.multinomial(torch.softmax(row[ok], -1), 1, generator=gen)]
+        nxt[torch.tensor(proc.finished)] = tok.pad_token_id
+        ids = torch.cat([ids, nxt], 1)
+        if all(proc.finished):
+            break
+    assert all(proc.finished) and not proc.stuck
+    return [heads[0] + tok.decode(r[3:], skip_special_tokens=True) for r in ids.tolist()]
+
+
+@pytest.mark.parametrize("which", ["words", "smollm2"])
+def test_random_logits_under_the_processor_give_valid_answers(which, request):
+    """Fresh random logits (3 seeds: greedy, then sampled; 2 rows with different grammars'
+    forbidden sets) always decode to answers meeting the budget; without prefill (seed 2)
+    the grammar writes the JSON key too."""
+    from e3pruner.methods.self_pruner.constrained import AnswerGrammar
+
+    tok = answer_tokenizer() if which == "words" else request.getfixturevalue("smollm_tokenizer")
+    V = len(tok) + 7  # a model vocabulary padded past the tokenizer
+    for name, spec, key, groups, forbidden, check in _grammar_cases(which == "smollm2"):
+        head, tail = (f'{{"{key}": [[', "]}") if groups else (f'{{"{key}": [', "}")
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            grammars = [AnswerGrammar(spec, head, tail, max(groups, 1), forbidden),
+                        AnswerGrammar(spec, head, tail, max(groups, 1))]
+            texts = _decode_under(tok, grammars, lambda t: 3 * torch.randn(2, V, generator=gen),
+                                  seed == 0, gen, prefill=seed != 2)
+            for text, g in zip(texts, grammars):
+                _check_answer(text, key, groups, g.forbidden, check, spec.distinct)
+
+
+@pytest.mark.parametrize("which", ["words", "smollm2"])
+def test_adversarial_logits_still_give_valid_answers(which, request):
+    """Logits that prefer EOS, junk, closing brackets, one repeated digit and out-of-range
+    numbers (the tokens a bad model writes) yield valid answers anyway."""
+    from e3pruner.methods.self_pruner.constrained import AnswerGrammar
+
+    tok = answer_tokenizer() if which == "words" else request.getfixturevalue("smollm_tokenizer")
+    V = len(tok)
+    prefer = {"</s>": 60.0, "x": 50.0, "hello": 50.0, " the": 50.0, "]}": 45.0, "]": 44.0,
+              "]]": 44.0, "7": 40.0, "0": 39.0, "99": 38.0, ",": 30.0, " ": 20.0}
+    scores = torch.randn(V, generator=torch.Generator().manual_seed(0))
+    for text, s in prefer.items():
+        ids = tok.encode(text, add_special_tokens=False) if text != "</s>" else [tok.eos_token_id]
+        if len(ids) == 1:
+            scores[ids[0]] = s
+    for name, spec, key, groups, forbidden, check in _grammar_cases(which == "smollm2"):
+        head, tail = (f'{{"{key}": [[', "]}") if groups else (f'{{"{key}": [', "}")
+        g = AnswerGrammar(spec, head, tail, max(groups, 1), forbidden)
+        text, = _decode_under(tok, [g], lambda t: scores[None].clone(), True, None)
+        _check_answer(text, key, groups, g.forbidden, check, spec.distinct)
+
+
+def test_answer_grammar_accepts_exactly_the_valid_answers():
+    from e3pruner.methods.self_pruner.constrained import AnswerGrammar
+
+    layers = AnswerGrammar(LayerSpace(12, 3).list_spec(), '{"child": [', "}", forbidden=[(1, 2, 3)])
+    for text, ok in [('{"child": [4, 11, 0]}', True), ('{"child": [4,11,0]}', True),
+                     ('{"child": [3, 1, 2]}', False),  # forbidden (as a set)
+                     ('{"child": [4, 4, 0]}', False), ('{"child": [4, 12, 0]}', False),
+                     ('{"child": [4, 05, 0]}', False), ('{"child": [4, 5]}', False),
+                     ('{"child": [4, 5, 6, 7]}', False), ('{"child": [4,  5, 6]}', False),
+                     ('{"child": [4, 5, 6]', False), ('{"child": [ 4, 5, 6]}', False)]:
+        assert layers.accepts(text) is ok, text
+    ws = WidthSpace(4, 1, 0.25, 0.75, None)  # 4 rates, units sum 4
+    rates = AnswerGrammar(ws.list_spec(), '{"sets": [[', "]}", groups=2)
+    for text, ok in [('{"sets": [[0.25, 0.25, 0.25, 0.25], [0.0, 0.5, 0.5, 0]]}', True),
+                     ('{"sets": [[0.25, 0.25, 0.25, 0.25],[0.75, 0.25, 0, 0.0]]}', True),
+                     ('{"sets": [[0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]]}', False),
+                     ('{"sets": [[0.5, 0.5, 0.5, 0.5], [0.0, 0.5, 0.5, 0]]}', False),  # sum
+                     ('{"sets": [[0.3, 0.2, 0.25, 0.25], [0.0, 0.5, 0.5, 0]]}', False),  # grid
+                     ('{"sets": [[1, 0, 0, 0], [0.0, 0.5, 0.5, 0]]}', False)]:  # above max
+        assert rates.accepts(text) is ok, text
+    with pytest.raises(ValueError, match="forbidden"):
+        AnswerGrammar(LayerSpace(3, 2).list_spec(), "[", "", forbidden=[(0, 1), (0, 2), (1, 2)])
+    with pytest.raises(ValueError, match="prefill"):
+        layers.start('{"sets": [[')
+
+
+def _tiny_operator(seed=7):
+    return tiny_model("llama", num_layers=2, seed=seed), answer_tokenizer()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_search_with_constrained_tiny_operator_never_falls_back(temperature):
+    """A random tiny model as operator: every operation is llm_ok. Greedy answers to equal
+    init prompts repeat each other: those are asked again (init_retries), still llm_ok."""
+    cfg = SelfPrunerConfig(population=4, generations=2, elite=1, crossover_rate=1.0,
+                           mutation_rate=1.0, parents=3, init_per_call=2,
+                           temperature=temperature, operator_model=_tiny_operator())
+    sel = get_method("self-pruner")(_model_with_dead_layers(), _data(), 2, NO_BAR, config=cfg)
+    shares, counts = sel.info["operator_shares"], sel.info["operator_counts"]
+    assert sel.info["operator_constrained"] and sel.info["operator_violations"] == 0
+    assert shares["llm_ok"] == 1.0 and shares["fallback"] == shares["repaired"] == 0
+    assert shares["operations"] == 4 + 2 * (1 + 3 + 3)
+    assert counts["init"]["llm_ok"] == 4 and counts["mutation"]["llm_ok"] == 6
+    if temperature == 0:
+        assert sel.info["init_retries"] >= 1
+    assert len(sel.removed) == 2
+
+
+def test_width_search_with_constrained_tiny_operator():
+    cfg = SelfPrunerConfig(population=4, generations=1, crossover_rate=1.0, mutation_rate=1.0,
+                           rate_step=0.25, max_rate=0.75, operator_model=_tiny_operator(8))
+    sel = get_method("self-pruner-width")(_width_model(), _data(), 1, NO_BAR, config=cfg)
+    assert sel.info["operator_shares"]["llm_ok"] == 1.0
+    assert sum(sel.info["width_rates"]) == pytest.approx(1.0)
+
+
+def test_constrained_answer_failing_validation_is_a_counted_fallback(monkeypatch, caplog):
+    """The validation stays as a check: a (here: forced) failure is logged, counted as a
+    violation and replaced by the classic operator, never repaired."""
+    monkeypatch.setattr(LayerSpace, "from_items",
+                        lambda self, items, rng: (tuple(sorted(items)), REPAIRED))
+    cfg = SelfPrunerConfig(population=4, generations=1, crossover_rate=1.0, mutation_rate=0.0,
+                           operator_model=_tiny_operator())
+    with caplog.at_level("WARNING"):
+        sel = get_method("self-pruner")(_model_with_dead_layers(), _data(), 2, NO_BAR, config=cfg)
+    c = sel.info["operator_counts"]
+    assert c["init"] == {"llm_ok": 0, "repaired": 0, "fallback": 4, "classic": 0}
+    assert c["crossover"]["fallback"] == sum(c["crossover"].values()) == 2  # P - elite
+    assert c["selection"]["llm_ok"] == 1  # not read through from_items
+    assert sel.info["operator_violations"] == 4 + 2
+    assert "failed validation" in caplog.text
+    # unconstrained, the same answers would count as repaired
+    cfg.constrained = False
+    sel = get_method("self-pruner")(_model_with_dead_layers(), _data(), 2, NO_BAR, config=cfg)
+    assert not sel.info["operator_constrained"] and sel.info["operator_violations"] == 0
