@@ -176,6 +176,7 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
     log(f"teacher held-out perplexity {state.get('teacher')['ppl']:.3f}")
 
     results = dict(state.get("methods") or {})
+    scorer = _LazyScorer(model, data.calib, args)
     for name in methods:
         res = dict(results.get(name) or {})
         (run / name).mkdir(exist_ok=True)
@@ -185,7 +186,7 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
             state.set("methods", results)
 
         _compare_method(name, res, save, args, model, data, tok, n_layers, n_prune, ppl,
-                        zeroshot, zs_settings, log)
+                        zeroshot, zs_settings, log, scorer)
         log(f"{name}: ppl before {res['ppl_before']:.2f}, after "
             f"{res['ppl_after'] if res['ppl_after'] is None else round(res['ppl_after'], 2)}")
 
@@ -204,8 +205,26 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
     return report
 
 
+class _LazyScorer:
+    """The search-objective column: `eval.mask_kd.MaskKDScorer` on the calibration blocks,
+    built at the first mask it scores (one teacher pass), the same for every method."""
+
+    def __init__(self, model, calib, args: CompareArgs):
+        self.model, self.calib, self.args, self.scorer = model, calib, args, None
+
+    def loss(self, keep) -> float:
+        from e3pruner.eval.mask_kd import MaskKDScorer
+
+        if self.scorer is None:
+            self.scorer = MaskKDScorer(self.model, self.calib, weighting=self.args.weighting,
+                                       amp=None if self.args.amp == "none" else self.args.amp,
+                                       batch_size=self.args.batch_size)
+        return self.scorer.loss(keep)
+
+
 def _compare_method(name: str, res: dict, save, args: CompareArgs, model, data, tok,
-                    n_layers: int, n_prune: int, ppl, zeroshot, zs_settings, log) -> None:
+                    n_layers: int, n_prune: int, ppl, zeroshot, zs_settings, log,
+                    scorer: _LazyScorer) -> None:
     """One method's row, each step stored by `save` as it finishes: selection, perplexity
     before recovery, recovery (or the width masks), perplexity and zero-shot after."""
     from e3pruner.methods import Budget, Selection, get_method, method_recovery
@@ -231,6 +250,9 @@ def _compare_method(name: str, res: dict, save, args: CompareArgs, model, data, 
     log(f"{name}: removes {sel.removed if width is None else 'width ' + str(width)}")
 
     updates = sel.info.get("weight_updates")  # new weights for the pruned model (ReplaceMe)
+    if "mask_kd" not in res:  # the hard mask with the original weights (no fold, no tuning)
+        res["mask_kd"] = None if width is not None else scorer.loss(sel.keep)
+        save()
     if "ppl_before" not in res:
         with torch.no_grad():
             if width is not None:
@@ -306,6 +328,7 @@ def build_report(args: CompareArgs, teacher: dict, results: dict, n_layers: int,
         methods[name] = {
             "removed_layers": None if width else [i for i in range(n_layers) if i not in kept],
             "width_rates": width,
+            "calib_kd_of_mask": res.get("mask_kd"),
             "ppl_before_recovery": res["ppl_before"],
             "ppl_after_recovery": res["ppl_after"],
             "zeroshot": res.get("zeroshot"),
@@ -314,7 +337,8 @@ def build_report(args: CompareArgs, teacher: dict, results: dict, n_layers: int,
             "tokens": {"selection": sel["tokens"], "recovery": res["recovery"]["tokens"]},
             "recovery_scope": (res["recovery"].get("config") or {}).get("scope"),
             "info": {k: v for k, v in sel["info"].items() if k in (
-                "operator_counts", "fitness_evaluations", "best_fitness", "segment", "config")},
+                "operator_counts", "operator_shares", "fitness_evaluations", "best_fitness",
+                "segment", "config", "polish")},
             "note": res.get("note"),
             "export": res.get("export"),
         }
@@ -346,9 +370,9 @@ def _fmt(x, digits=2) -> str:
 
 def format_markdown(r: dict) -> str:
     tasks = r["tasks"] if r["zeroshot_limit"] != 0 else []
-    head = (["method", "removed layers", "ppl before", "ppl after"]
+    head = (["method", "removed layers", "calib KD", "ppl before", "ppl after"]
             + [TASK_LABELS.get(t, t) for t in tasks] + (["avg"] if tasks else [])
-            + ["search s", "tokens (select / recover)"])
+            + ["select s / recover s", "tokens (select / recover)", "LLM / fallback ops"])
     rows = []
 
     def acc_cells(zs):
@@ -359,16 +383,21 @@ def format_markdown(r: dict) -> str:
         return [_fmt(100 * zs[t]["score"], 1) for t in tasks] + [_fmt(100 * zs["average"], 1)]
 
     t = r["teacher"]
-    rows.append(["teacher (unpruned)", "–", _fmt(t["ppl"]), _fmt(t["ppl"])]
-                + acc_cells(t.get("zeroshot")) + ["–", "–"])
+    rows.append(["teacher (unpruned)", "–", _fmt(0.0, 4), _fmt(t["ppl"]), _fmt(t["ppl"])]
+                + acc_cells(t.get("zeroshot")) + ["–", "–", "–"])
     for name, m in r["methods"].items():
         removed = (", ".join(map(str, m["removed_layers"])) if m["removed_layers"] is not None
                    else "width masks (not exported)")
         scope = f" ({m['recovery_scope']})" if m["recovery_scope"] not in (None, "full") else ""
-        rows.append([name + scope, removed, _fmt(m["ppl_before_recovery"]),
-                     _fmt(m["ppl_after_recovery"])] + acc_cells(m["zeroshot"])
-                    + [f"{m['search_seconds']:.0f}",
-                       f"{m['tokens']['selection']:,} / {m['tokens']['recovery']:,}"])
+        shares = m["info"].get("operator_shares")
+        ops = ("–" if not shares else
+               f"{100 * shares['llm_ok']:.0f}% / {100 * shares['fallback']:.0f}%")
+        rec_s = m.get("recovery_seconds")
+        rows.append([name + scope, removed, _fmt(m.get("calib_kd_of_mask"), 4),
+                     _fmt(m["ppl_before_recovery"]), _fmt(m["ppl_after_recovery"])]
+                    + acc_cells(m["zeroshot"])
+                    + [f"{m['search_seconds']:.0f} / " + ("–" if rec_s is None else f"{rec_s:.0f}"),
+                       f"{m['tokens']['selection']:,} / {m['tokens']['recovery']:,}", ops])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     notes = [
@@ -377,6 +406,11 @@ def format_markdown(r: dict) -> str:
         f"{r['heldout']['ctx']}; recovery: {r['recovery_tokens']:,} tokens of entropy-aware KD "
         f"per method (scope in brackets when the method defines its own).",
     ]
+    notes.append("calib KD: the search objective, the entropy-weighted KD loss of the method's "
+                 "hard mask against the unpruned model on the calibration blocks, weights "
+                 "frozen (no fold, no recovery), measured the same way for every method. "
+                 "LLM / fallback ops: Self-Pruner's share of operations answered by the LLM "
+                 "operator and of those replaced by the classic operator.")
     if tasks:
         notes.append(f"Zero-shot accuracy (%) after recovery on the first {r['zeroshot_limit']} "
                      "items per task: acc_norm for ARC, HellaSwag, PIQA, OBQA; acc for BoolQ, "

@@ -35,6 +35,7 @@ def test_every_method_one_table_and_resume(tmp_path, monkeypatch):
             assert m["ppl_after_recovery"] is None and "not exported" in m["note"]
         else:
             assert len(m["removed_layers"]) == 2
+            assert 0 < m["calib_kd_of_mask"] < float("inf")  # the search objective column
             assert m["ppl_after_recovery"] > 1 and m["tokens"]["recovery"] == 192
         assert m["ppl_before_recovery"] > 1
         assert set(m["zeroshot"]) >= {"arc_easy", "boolq", "average"}
@@ -46,6 +47,13 @@ def test_every_method_one_table_and_resume(tmp_path, monkeypatch):
     for name in names:
         assert f"| {name}" in table
     assert "teacher (unpruned)" in table and "ARC-E" in table and "BoolQ" in table
+    assert "| calib KD |" in table and "LLM / fallback ops" in table
+    # the same mask scores the same: methods that removed the same layers agree
+    by_mask = {}
+    for m in report["methods"].values():
+        if m["removed_layers"] is not None:
+            kd = by_mask.setdefault(tuple(m["removed_layers"]), m["calib_kd_of_mask"])
+            assert kd == m["calib_kd_of_mask"]
     assert "--prune-layers 2" in table  # the reproducing command
     assert json.loads((run / "compare.json").read_text())["methods"].keys() == report["methods"].keys()
     assert (run / "removed_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
