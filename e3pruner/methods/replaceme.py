@@ -16,7 +16,17 @@ r = h_{s-1} + attn(...) the residual after attention and M = mlp(norm(r)) [N, D]
 output. After the cut, layer s-1 returns r + M T, which should be h_{s+n}:
 
     X = M,   Y = h_{s+n} - h_s + M   (= h_{s+n} - r)
-    "lstsq":  T = (X^T X + lam I)^{-1} X^T Y,  lam = ridge * tr(X^T X) / D
+
+Attention sinks: in SmolLM-family models the block can create the massive activation of
+the first token (|Y| ~ 24,000 against a median of ~110 on SmolLM2, 98% of sum |Y|^2). A
+linear map cannot make it without leaking a 200x gain into every other token, and a map
+fitted without those rows sends the sink token somewhere new (both far worse than plain
+removal). So a row with |Y_i| > outlier_factor * median_batch |Y| is an outlier: its target
+becomes Y_i = X_i (the block leaves it as plain removal does, h_{s+n} := h_s), and the
+outlier rows are weighted by c = tr(X_n^T X_n) / tr(X_o^T X_o) so that together they
+weigh as much as the normal rows (X_n, X_o: normal and outlier rows).
+    "lstsq":  T = (X^T X + lam I)^{-1} X^T Y,  lam = ridge * tr(X^T X) / D, with
+              X^T X = X_n^T X_n + c X_o^T X_o and X^T Y = X_n^T Y_n + c X_o^T X_o
               (fp64 normal equations summed over batches; the reference uses lam = 0)
     "cosine": T = argmin_T 1 - mean_rows cos(X T, Y), Adam from T = I (or from the lstsq
               solution), minibatches of rows (the reference's default, `accurate=False`)
@@ -68,6 +78,7 @@ class ReplaceMeConfig:
     cosine_lr: float = 1e-3
     cosine_batch: int = 1024  # rows (tokens) per Adam step
     cosine_init: str = "identity"  # "identity" (the paper) or "lstsq"
+    outlier_factor: float | None = 10.0  # |Y_i| above this times the batch median: a sink row
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -76,6 +87,10 @@ class ReplaceMeConfig:
             raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge}")
         if self.cosine_steps < 1 or self.cosine_batch < 1 or not self.cosine_lr > 0:
             raise ValueError("need cosine_steps >= 1, cosine_batch >= 1 and cosine_lr > 0")
+        if self.outlier_factor is not None and not (self.outlier_factor > 1
+                                                    and math.isfinite(self.outlier_factor)):
+            raise ValueError("outlier_factor must be a finite number > 1 (or None: no "
+                             f"outlier rows), got {self.outlier_factor}")
         if self.cosine_init not in ("identity", "lstsq"):
             raise ValueError(f"cosine_init must be 'identity' or 'lstsq', got {self.cosine_init!r}")
 
@@ -155,18 +170,52 @@ def block_distances(model, sets: list[torch.Tensor], n_prune: int, batch_size: i
     return angular_distances(states, n_prune)
 
 
+def outlier_rows(y: torch.Tensor, factor: float | None) -> torch.Tensor:
+    """[N] bool: rows of y [N, D] whose norm exceeds factor * the median row norm (massive
+    activations such as attention sinks); none when factor is None."""
+    norms = y.norm(dim=-1)
+    if factor is None:
+        return torch.zeros_like(norms, dtype=torch.bool)
+    return norms > factor * norms.median()
+
+
+@dataclass
+class BlockSums:
+    """Normal-equation sums of the fit, kept apart for the normal (n) and outlier (o) rows:
+    xtx_n = X_n^T X_n, xty_n = X_n^T Y_n, xtx_o = X_o^T X_o [D, D] fp64, yty_n = sum Y_n^2,
+    yty_o = sum Y_o^2 (the outliers' original targets), counts."""
+    xtx_n: torch.Tensor
+    xty_n: torch.Tensor
+    xtx_o: torch.Tensor
+    yty_n: float = 0.0
+    yty_o: float = 0.0
+    rows_n: int = 0
+    rows_o: int = 0
+
+    def outlier_weight(self) -> float:
+        """c = tr(X_n^T X_n) / tr(X_o^T X_o): the outlier rows together weigh as the rest."""
+        if self.rows_o == 0:
+            return 0.0
+        return float(torch.trace(self.xtx_n)) / max(float(torch.trace(self.xtx_o)), 1e-300)
+
+    def system(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X^T X, X^T Y) of the fit: X_n^T X_n + c X_o^T X_o, X_n^T Y_n + c X_o^T X_o."""
+        c = self.outlier_weight()
+        return self.xtx_n + c * self.xtx_o, self.xty_n + c * self.xtx_o
+
+
 @torch.no_grad()
 def block_activations(model, sets: list[torch.Tensor], start: int, n_prune: int,
-                      batch_size: int, keep_rows: bool):
-    """(X^T X, X^T Y [D, D] fp64, sum Y^2, X, Y [N, D] fp32 on the CPU or None) with X = M,
-    the MLP output of layer start-1, and Y = h_{start+n} - h_start + M, over every token."""
+                      batch_size: int, keep_rows: bool, outlier_factor: float | None = None):
+    """(BlockSums, X, Y [N, D] fp32 on the CPU or None) with X = M, the MLP output of layer
+    start-1, and Y = h_{start+n} - h_start + M over every token; outlier rows (per batch,
+    `outlier_rows`) get the target Y = X in the kept rows."""
     layers = decoder_layers(model)
     end = start + n_prune
     target = layers[end] if end < len(layers) else final_norm(model)
     box: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device
-    xtx = xty = None
-    yty = 0.0
+    sums = None
     xs, ys = [], []
     with (on_outputs([layers[start - 1].mlp], lambda _i, h: box.__setitem__("m", h)),
           on_inputs([layers[start], target], lambda i, h: box.__setitem__(("in", "out")[i], h)),
@@ -175,14 +224,24 @@ def block_activations(model, sets: list[torch.Tensor], start: int, n_prune: int,
             final_hidden(model, ids.to(device))
             m = box["m"].reshape(-1, box["m"].shape[-1]).double()
             y = (box["out"].reshape(m.shape).double() - box["in"].reshape(m.shape).double()) + m
-            xtx = m.T @ m if xtx is None else xtx + m.T @ m
-            xty = m.T @ y if xty is None else xty + m.T @ y
-            yty += float((y * y).sum())
+            out = outlier_rows(y, outlier_factor)
+            mn, yn, mo = m[~out], y[~out], m[out]
+            if sums is None:
+                zero = torch.zeros(m.shape[1], m.shape[1], dtype=torch.float64, device=m.device)
+                sums = BlockSums(zero, zero.clone(), zero.clone())
+            sums.xtx_n += mn.T @ mn
+            sums.xty_n += mn.T @ yn
+            sums.xtx_o += mo.T @ mo
+            sums.yty_n += float((yn * yn).sum())
+            sums.yty_o += float((y[out] ** 2).sum())
+            sums.rows_n += int(mn.shape[0])
+            sums.rows_o += int(mo.shape[0])
             if keep_rows:
+                y[out] = m[out]
                 xs.append(m.float().cpu())
                 ys.append(y.float().cpu())
     rows = (torch.cat(xs), torch.cat(ys)) if keep_rows else (None, None)
-    return xtx, xty, yty, *rows
+    return sums, *rows
 
 
 def _check_family(layer) -> None:
@@ -195,13 +254,18 @@ def _check_family(layer) -> None:
                          "down_proj bias, no post-feedforward norm, as in Llama/Qwen/Mistral)")
 
 
-def _fit_quality(xtx, xty, yty, t) -> dict:
-    """Relative squared error ||X T - Y||^2 / ||Y||^2 of T and of T = I (plain removal)."""
+def _fit_quality(sums: BlockSums, t: torch.Tensor) -> dict:
+    """Relative squared error ||X_n T - Y_n||^2 / ||Y_n||^2 on the normal rows, of T and of
+    T = I (plain removal), and the outlier rows (count, share of the original sum |Y|^2)."""
     def err(tt):
-        return float((yty - 2 * torch.trace(tt.T @ xty) + torch.trace(tt.T @ xtx @ tt)) / yty)
+        return float((sums.yty_n - 2 * torch.trace(tt.T @ sums.xty_n)
+                      + torch.trace(tt.T @ sums.xtx_n @ tt)) / max(sums.yty_n, 1e-300))
 
-    eye = torch.eye(xtx.shape[0], dtype=torch.float64, device=xtx.device)
-    return {"rel_sq_error": err(t.to(xtx.device)), "rel_sq_error_identity": err(eye)}
+    eye = torch.eye(sums.xtx_n.shape[0], dtype=torch.float64, device=sums.xtx_n.device)
+    return {"rel_sq_error": err(t.to(sums.xtx_n.device)), "rel_sq_error_identity": err(eye),
+            "outlier_rows": sums.rows_o, "rows": sums.rows_n + sums.rows_o,
+            "outlier_share_of_y2": sums.yty_o / max(sums.yty_n + sums.yty_o, 1e-300),
+            "outlier_weight": sums.outlier_weight()}
 
 
 def _select(model, data: PruneData, n_prune: int, budget: Budget | None,
@@ -215,9 +279,10 @@ def _select(model, data: PruneData, n_prune: int, budget: Budget | None,
     with preserved_model_state(model):
         d = block_distances(model, sets, n_prune, budget.batch_size)
         start = 1 + int(torch.argmin(d[1:]))  # first minimum: the lowest start on ties
-        xtx, xty, yty, x, y = block_activations(model, sets, start, n_prune,
-                                                budget.batch_size,
-                                                keep_rows=cfg.objective == "cosine")
+        sums, x, y = block_activations(model, sets, start, n_prune, budget.batch_size,
+                                       keep_rows=cfg.objective == "cosine",
+                                       outlier_factor=cfg.outlier_factor)
+    xtx, xty = sums.system()
     info = {"config": asdict(cfg), "start": start, "segment": [start, start + n_prune],
             "fold_layer": start - 1, "distances": d.tolist()}
     if cfg.objective == "cosine":
@@ -232,7 +297,7 @@ def _select(model, data: PruneData, n_prune: int, budget: Budget | None,
                                "fitted": float(cosine_loss(x @ t.float(), y))}
     else:
         t = solve_lstsq(xtx, xty, cfg.ridge)
-    info["fit"] = _fit_quality(xtx, xty, yty, t)
+    info["fit"] = _fit_quality(sums, t)
     weight = layers[start - 1].mlp.down_proj.weight
     name = f"{get_adapter(model).layers_path}.{start - 1}.mlp.down_proj.weight"
     updates = {name: fold_into_down_proj(weight.detach(), t.to(weight.device))}

@@ -12,10 +12,12 @@ from e3pruner.methods import Budget, get_method, method_recovery
 from e3pruner.methods.replaceme import (
     FOLD_FILE,
     ReplaceMeConfig,
+    block_activations,
     cosine_fit,
     cosine_loss,
     fold_into_down_proj,
     lstsq_fit,
+    outlier_rows,
     solve_lstsq,
 )
 from e3pruner.models.activations import layer_inputs
@@ -227,3 +229,61 @@ def test_compare_runs_both_methods_and_exports_the_fold(tmp_path):
         with torch.no_grad():
             assert (reloaded(ids).logits - want_model(ids).logits).abs().max().item() <= 1e-5
             assert m["ppl_before_recovery"] == pytest.approx(m["ppl_after_recovery"])
+
+
+def test_outlier_rows_are_the_massive_ones_only():
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(500, 32, generator=g, dtype=torch.float64)
+    y[[0, 17, 250]] *= 300
+    assert outlier_rows(y, 10.0).nonzero().flatten().tolist() == [0, 17, 250]
+    assert not outlier_rows(y, None).any()
+    for bad in (1.0, 0.5, float("inf")):
+        with pytest.raises(ValueError, match="outlier_factor"):
+            ReplaceMeConfig(outlier_factor=bad)
+
+
+def _sink_model(start=2, scale=300.0):
+    """A tiny Llama whose layer `start` adds a massive vector to the first token's hidden
+    state (an attention sink created inside the block [start, start+2), as in SmolLM2)."""
+    model = tiny_model("llama", num_layers=6)
+    v = torch.randn(48, generator=torch.Generator().manual_seed(8))
+    v = v / v.norm() * scale
+
+    def add_sink(_mod, _args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h.clone()
+        h[:, 0] += v
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    model.model.layers[start].register_forward_hook(add_sink)
+    return model
+
+
+@pytest.mark.parametrize("start,fit_blocks", [(2, 40), (3, 80)])
+def test_a_sink_made_inside_the_block_does_not_spoil_the_map(start, fit_blocks):
+    """The SmolLM2 failure: the sink rows (|Y| ~ 300x the rest) dominate the least squares,
+    so the map fits them and leaks into every other token; with outlier_factor they are
+    left as plain removal leaves them and the map fits the other tokens."""
+    model, data = _sink_model(start), _data()
+    fit_sets = [data.blocks.take(fit_blocks, 4)]
+    held = [data.blocks.take(40, 4 + fit_blocks)]
+    ridge = ReplaceMeConfig().ridge
+    maps = {}
+    for factor in (None, 10.0):
+        sums, _, _ = block_activations(model, fit_sets, start, 2, 8, False, factor)
+        maps[factor] = solve_lstsq(*sums.system(), ridge)
+    sums, x, y = block_activations(model, held, start, 2, 8, True, 10.0)
+    assert sums.rows_o == 40 and sums.yty_o > 0.9 * (sums.yty_o + sums.yty_n)  # one per block
+    out = torch.zeros(40, 32, dtype=torch.bool)
+    out[:, 0] = True
+    x, y, out = x.double(), y.double(), out.flatten()
+
+    def rel_err(t, rows):
+        return float(((x[rows] @ t - y[rows]) ** 2).sum() / (y[rows] ** 2).sum())
+
+    eye = torch.eye(48, dtype=torch.float64)
+    fixed, unfixed, plain = (rel_err(t, ~out) for t in (maps[10.0], maps[None], eye))
+    assert fixed < 0.95 * plain  # the map helps the ordinary tokens on unseen blocks
+    assert unfixed > 1.5 * plain  # without the fix the sink rows spoil it (SmolLM2)
+    # the sink tokens stay near plain removal (X T ~ X), not near the massive target
+    assert rel_err(maps[10.0], out) < 0.5 < 2 < rel_err(maps[None], out)
