@@ -132,3 +132,14 @@ def tiny_model_dir(root, family: str = "llama", **kw):
     (root / "train.txt").write_text(markov_text(300, seed=1))
     (root / "heldout.txt").write_text(markov_text(40, seed=2))
     return root / "model", root / "train.txt", root / "heldout.txt"
+
+
+def dead_block_model(family: str = "llama", block=(2, 3)):
+    """A 6-layer tiny model whose layers in `block` are identities (zero attention output
+    and MLP down projections): the block any sound selection removes."""
+    model = tiny_model(family, num_layers=6)
+    with torch.no_grad():
+        for i in block:
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    return model

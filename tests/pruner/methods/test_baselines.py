@@ -12,7 +12,7 @@ from e3pruner.losses import lm_nll
 from e3pruner.methods.ppl import drop_one_nll
 from e3pruner.methods.sleb import candidate_nll
 from tests.pruner.test_methods import DEAD, _data, _model_with_dead_layers
-from tests.pruner.tiny_models import tiny_model
+from tests.pruner.tiny_models import dead_block_model, tiny_model
 
 BASELINES = ("angular", "ppl", "taylor", "sleb")
 FAST = Budget(batch_size=2, progress=False)
@@ -20,15 +20,6 @@ FAST = Budget(batch_size=2, progress=False)
 
 def _gates_installed(model) -> bool:
     return any("forward" in layer.__dict__ for layer in model.model.layers)
-
-
-def _model_with_dead_block(family="llama", block=(2, 3)):
-    model = tiny_model(family, num_layers=6)
-    with torch.no_grad():
-        for i in block:
-            model.model.layers[i].self_attn.o_proj.weight.zero_()
-            model.model.layers[i].mlp.down_proj.weight.zero_()
-    return model
 
 
 def test_registered_with_default_recovery():
@@ -98,7 +89,7 @@ def test_identity_layers_are_removed(name, family):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("block", [(2, 3), (4, 5)])
 def test_angular_removes_an_identity_block(family, block):
-    model = _model_with_dead_block(family, block)
+    model = dead_block_model(family, block)
     sel = get_method("angular")(model, _data(), 2, FAST)
     assert sel.removed == list(block)
     d = torch.tensor(sel.info["distances"])

@@ -26,7 +26,7 @@ from e3pruner.models.gates import gated
 from e3pruner.models.weight_updates import apply_weight_updates, load_weight_updates
 from e3pruner.recovery.distill import make_student
 from tests.pruner.test_methods import _data
-from tests.pruner.tiny_models import tiny_model, tiny_model_dir
+from tests.pruner.tiny_models import dead_block_model, tiny_model, tiny_model_dir
 
 FAST = Budget(batch_size=2, progress=False)
 
@@ -85,18 +85,9 @@ def test_fold_into_down_proj_multiplies_the_mlp_output_by_t():
     assert fold_into_down_proj(mlp.down_proj.weight.float(), t).dtype == torch.float32
 
 
-def _dead_block_model(family, block=(2, 3)):
-    model = tiny_model(family, num_layers=6)
-    with torch.no_grad():
-        for i in block:
-            model.model.layers[i].self_attn.o_proj.weight.zero_()
-            model.model.layers[i].mlp.down_proj.weight.zero_()
-    return model
-
-
 @pytest.mark.parametrize("name", ["replaceme", "replaceme-cosine"])
 def test_an_identity_block_is_found_and_replaced_exactly(name):
-    model = _dead_block_model("qwen3")
+    model = dead_block_model("qwen3")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = ReplaceMeConfig(objective="lstsq" if name == "replaceme" else "cosine", ridge=0.0)
     sel = get_method(name)(model, _data(), 2, FAST, config=cfg)
