@@ -31,10 +31,9 @@ def main() -> None:
     from e3pruner.eval.mask_kd import MaskKDScorer
     from e3pruner.eval.perplexity import perplexity
     from e3pruner.methods import Budget, get_method
-    from e3pruner.methods.e3 import E3Config, polish_mask
+    from e3pruner.methods.e3 import E3Config, polish_blocks, polish_mask
     from e3pruner.models import load_model
     from e3pruner.models.gates import gated, keep_mask, remove_gates
-    from e3pruner.data import batch_at
     from e3pruner.pipeline import PruneArgs, prepare_data
     from e3pruner.train import seed_everything
 
@@ -51,9 +50,7 @@ def main() -> None:
     sel = get_method("e3")(model, data, n_prune, budget, replace(cfg, polish_evals=0))
     search_s = time.time() - t
     t = time.time()
-    steps = sel.info["steps"]
-    ids = torch.cat([batch_at(data, steps + j, budget.batch_size)
-                     for j in range(cfg.polish_batches)])
+    ids = polish_blocks(data, sel.info["steps"], budget.batch_size, cfg.polish_batches)
     pscorer = MaskKDScorer(model, ids, amp=cfg.amp, weighting=cfg.weighting,
                            batch_size=budget.batch_size)
     polished, rec = polish_mask(pscorer, sel.keep, torch.tensor(sel.scores), cfg.polish_evals,

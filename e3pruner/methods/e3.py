@@ -318,8 +318,7 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
             "init_kl": None if init_kl is None else init_kl.tolist()}
     tokens = steps * tokens_per_step
     if cfg.polish_evals and cfg.polish_batches and cfg.polish_width:
-        ids = torch.cat([batch_at(data, steps + j, budget.batch_size)
-                         for j in range(cfg.polish_batches)])
+        ids = polish_blocks(data, steps, budget.batch_size, cfg.polish_batches)
         scorer = MaskKDScorer(model, ids, amp=cfg.amp, weighting=cfg.weighting,
                               temperature=cfg.temperature, batch_size=budget.batch_size)
         keep, info["polish"] = polish_mask(scorer, keep, final, cfg.polish_evals,
@@ -327,6 +326,13 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
                                            and dist.is_main)
         tokens += scorer.tokens
     return Selection(keep=keep, num_layers=n, scores=final.tolist(), tokens=tokens, info=info)
+
+
+def polish_blocks(data: PruneData, search_steps: int, batch_size: int,
+                  batches: int) -> torch.Tensor:
+    """[batches * batch_size, T] training blocks of the `batches` steps after the search's
+    `search_steps`: the polish scores its swaps on data the search did not use."""
+    return torch.cat([batch_at(data, search_steps + j, batch_size) for j in range(batches)])
 
 
 def swap_candidates(keep: list[int], scores: torch.Tensor, width: int) -> list[tuple[int, int]]:
@@ -345,19 +351,18 @@ def polish_mask(scorer: MaskKDScorer, keep: list[int], scores: torch.Tensor, eva
     (the best keep found, a record of the moves and losses)."""
     keep = sorted(keep)
     start = best = scorer.loss(keep)
-    spent, moves = 0, []
+    first = scorer.evaluations  # (masks scored from here on are the polish's spending)
+    moves = []
     bar = tqdm(total=evals, desc="e3 swap polish", unit="mask", disable=not progress)
     improved = True
-    while improved and spent < evals:
+    while improved and scorer.evaluations - first < evals:
         improved = False
         for k, r in swap_candidates(keep, scores, width):
-            if spent >= evals:
+            if scorer.evaluations - first >= evals:
                 break
             cand = sorted((set(keep) - {k}) | {r})
-            before = scorer.evaluations
             loss = scorer.loss(cand)
-            spent += scorer.evaluations - before
-            bar.update(scorer.evaluations - before)
+            bar.update(scorer.evaluations - first - bar.n)
             if loss < best:
                 moves.append({"out": k, "in": r, "loss": loss})
                 keep, best, improved = cand, loss, True
@@ -365,4 +370,4 @@ def polish_mask(scorer: MaskKDScorer, keep: list[int], scores: torch.Tensor, eva
                 break
     bar.close()
     return keep, {"loss_before": start, "loss_after": best, "moves": moves,
-                  "evaluations": spent, "tokens": scorer.tokens}
+                  "evaluations": scorer.evaluations - first, "tokens": scorer.tokens}
