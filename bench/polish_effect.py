@@ -31,7 +31,7 @@ def main() -> None:
     from e3pruner.eval.mask_kd import MaskKDScorer
     from e3pruner.eval.perplexity import perplexity
     from e3pruner.methods import Budget, get_method
-    from e3pruner.methods.e3 import E3Config, polish_blocks, polish_mask
+    from e3pruner.methods.e3 import E3Config
     from e3pruner.models import load_model
     from e3pruner.models.gates import gated, keep_mask, remove_gates
     from e3pruner.pipeline import PruneArgs, prepare_data
@@ -49,13 +49,13 @@ def main() -> None:
     t = time.time()
     sel = get_method("e3")(model, data, n_prune, budget, replace(cfg, polish_evals=0))
     search_s = time.time() - t
+    remove_gates(model)
+    # The default select() at the same token budget: a shorter search, then the polish on
+    # the budget's last batches.
     t = time.time()
-    ids = polish_blocks(data, sel.info["steps"], budget.batch_size, cfg.polish_batches)
-    pscorer = MaskKDScorer(model, ids, amp=cfg.amp, weighting=cfg.weighting,
-                           batch_size=budget.batch_size)
-    polished, rec = polish_mask(pscorer, sel.keep, torch.tensor(sel.scores), cfg.polish_evals,
-                                cfg.polish_width)
+    pol = get_method("e3")(model, data, n_prune, budget, cfg)
     polish_s = time.time() - t
+    polished, rec = pol.keep, pol.info["polish"]
     remove_gates(model)
     masks = {"e3 (no polish)": sel.keep, "e3 + polish": polished}
     for name in ("shortgpt", "ppl"):
@@ -75,7 +75,8 @@ def main() -> None:
                       "30 layers): search objective on the calibration blocks and held-out "
                       "perplexity before recovery",
               "device": device_info(torch.device("cpu")), "seed": args.seed,
-              "search_seconds": search_s, "polish_seconds": polish_s, "polish": rec,
+              "select_seconds_no_polish": search_s, "select_seconds_with_polish": polish_s,
+              "tokens": {"no_polish": sel.tokens, "with_polish": pol.tokens}, "polish": rec,
               "masks": rows}
     text = json.dumps(result, indent=1)
     print(text)

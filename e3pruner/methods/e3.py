@@ -282,7 +282,13 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
         raise ValueError("e3 needs training blocks (PruneData.blocks) for the mask search")
     device = next(model.parameters()).device
     tokens_per_step = budget.batch_size * data.blocks.block_len
-    steps = max(1, budget.search_tokens // tokens_per_step)
+    budget_steps = max(1, budget.search_tokens // tokens_per_step)
+    polish = bool(cfg.polish_evals and cfg.polish_batches and cfg.polish_width)
+    # The polish scores on the last `polish_batches` batches of the search budget, so the
+    # search's Plackett-Luce phase gets the rest (at least one step) and the method reads
+    # no more than search_tokens.
+    reserved = min(cfg.polish_batches, budget_steps - 1) if polish else 0
+    steps = budget_steps - reserved
     weight = lm_head(model).weight
     kd_head_kwargs(model)  # checked before the search starts
     run = budget.run_dir
@@ -316,15 +322,16 @@ def select(model, data: PruneData, n_prune: int, budget: Budget | None = None,
     keep = sorted(torch.topk(final, n - n_prune).indices.tolist())
     info = {"config": asdict(cfg), "steps": steps,
             "init_kl": None if init_kl is None else init_kl.tolist()}
-    tokens = steps * tokens_per_step
-    if cfg.polish_evals and cfg.polish_batches and cfg.polish_width:
-        ids = polish_blocks(data, steps, budget.batch_size, cfg.polish_batches)
+    tokens = budget_steps * tokens_per_step
+    if polish:
+        # Fresh batches when the budget has room for them, else the search's own last ones.
+        first = steps if reserved else max(0, steps - cfg.polish_batches)
+        ids = polish_blocks(data, first, budget.batch_size, max(reserved, 1))
         scorer = MaskKDScorer(model, ids, amp=cfg.amp, weighting=cfg.weighting,
                               temperature=cfg.temperature, batch_size=budget.batch_size)
         keep, info["polish"] = polish_mask(scorer, keep, final, cfg.polish_evals,
                                            cfg.polish_width, progress=budget.progress
                                            and dist.is_main)
-        tokens += scorer.tokens
     return Selection(keep=keep, num_layers=n, scores=final.tolist(), tokens=tokens, info=info)
 
 

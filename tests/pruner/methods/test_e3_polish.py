@@ -64,9 +64,11 @@ def test_e3_polish_on_a_tiny_model_lowers_the_exact_loss():
     sel = get_method("e3")(model, data, 2, budget, E3Config(polish_evals=6, polish_width=8))
     rec = sel.info["polish"]
     assert len(sel.keep) == 4 and rec["loss_after"] <= rec["loss_before"]
-    assert 1 <= rec["evaluations"] <= 6 and sel.tokens == 2 * 32 * 3 + rec["tokens"]
+    assert 1 <= rec["evaluations"] <= 6 and rec["tokens"] == 2 * 2 * 32
+    # the polish's two batches come out of the search budget
+    assert sel.tokens == 2 * 32 * 3 and sel.info["steps"] == 1
     off = get_method("e3")(model, data, 2, budget, E3Config(polish_evals=0))
-    assert "polish" not in off.info and off.tokens == 2 * 32 * 3
+    assert "polish" not in off.info and off.tokens == 2 * 32 * 3 and off.info["steps"] == 3
 
 
 def test_polish_config_validated():

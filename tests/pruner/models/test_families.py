@@ -111,7 +111,8 @@ def test_e3_search_recovery_export(family, tmp_path):
     model, data = tiny_model(family), _data()
     budget = Budget(search_tokens=2 * 32 * 4, batch_size=2, progress=False)
     sel = get_method("e3")(model, data, 2, budget, E3Config())
-    assert len(sel.keep) == 4 and sel.info["steps"] == 4
+    assert len(sel.keep) == 4 and sel.info["steps"] == 2  # 4 less the polish's 2 batches
+    assert sel.tokens == budget.search_tokens
     assert all(v == v for v in sel.scores) and all(v > 0 for v in sel.info["init_kl"])
     student = make_student(model, sel.keep)
     before = {k: v.clone() for k, v in student.state_dict().items()}
