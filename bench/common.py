@@ -32,20 +32,19 @@ from pathlib import Path
 
 import torch
 
+from e3pruner.hardware import cpu_name  # noqa: E402,F401 (re-exported)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ------------------------------------------------------------------------------------------
 # Device facts
 # ------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def native_amp() -> str | None:
+    """bf16 where this CPU runs it natively, else None (fp32): what `--amp auto` picks."""
+    from e3pruner.amp import resolve_amp
+
+    return None if resolve_amp("auto") == "none" else "bf16"
 
 
 def device_name(dev: torch.device) -> str:

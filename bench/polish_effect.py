@@ -34,10 +34,10 @@ def main() -> None:
     from e3pruner.methods.e3 import E3Config
     from e3pruner.models import load_model
     from e3pruner.models.gates import gated, keep_mask, remove_gates
-    from e3pruner.pipeline import PruneArgs, prepare_data
+    from e3pruner.pipeline import PruneArgs, prepare_data, with_resolved_amp
     from e3pruner.train import seed_everything
 
-    args = PruneArgs(seed=a.seed)
+    args = with_resolved_amp(PruneArgs(seed=a.seed), log=print)
     seed_everything(args.seed)
     model, tok = load_model(args.model)
     data, heldout = prepare_data(args, tok, log=lambda *_: None)

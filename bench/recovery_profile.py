@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_info  # noqa: E402
+from common import device_info, native_amp  # noqa: E402
 
 PARTS = ("student_forward", "teacher_forward", "kd_forward", "kd_backward",
          "student_backward", "clip_grad_norm", "optimizer_step")
@@ -49,7 +49,7 @@ def setup():
     blocks = TokenBlocks(token_stream("bundled", tok, seed=0), 256, seed=0)
     data = PruneData(calib=blocks.take(4, 0), blocks=blocks, train_start=4)
     keep = [i for i in range(30) if i not in REMOVED]
-    cfg = RecoveryConfig(tokens=10**6, batch_size=2, lr=4e-4, ce_weight=0.3, amp="bf16")
+    cfg = RecoveryConfig(tokens=10**6, batch_size=2, lr=4e-4, ce_weight=0.3, amp=native_amp())
     return model, make_student(model, keep), data, keep, cfg
 
 

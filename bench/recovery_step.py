@@ -23,6 +23,9 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import device_info, native_amp
+
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -46,7 +49,7 @@ def main() -> None:
 
     def timed(steps: int) -> float:
         cfg = RecoveryConfig(tokens=steps * step_tokens, batch_size=2, grad_accum=a.grad_accum,
-                             lr=4e-4, ce_weight=0.3, amp="bf16")
+                             lr=4e-4, ce_weight=0.3, amp=native_amp())
         student = make_student(model, keep)
         t = time.perf_counter()
         recover(student, model, data, cfg, keep=keep, progress=False)
@@ -54,9 +57,6 @@ def main() -> None:
 
     timed(1)
     total = timed(a.steps)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import device_info
-
     print(json.dumps({"device": device_info(torch.device("cpu")),
                       "seconds_per_step": total / a.steps, "steps": a.steps,
                       "grad_accum": a.grad_accum, "threads": torch.get_num_threads(),

@@ -1,5 +1,5 @@
-"""Mixed precision: the autocast context of an `amp` setting ("bf16", "fp16", "none") and
-the dtype the LM head sees under it."""
+"""Mixed precision: the autocast context of an `amp` setting ("bf16", "fp16", "none"), the
+dtype the LM head sees under it, and what "auto" means on the machine at hand."""
 
 from __future__ import annotations
 
@@ -9,6 +9,35 @@ import torch
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                "float16": torch.float16}
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 GEMMs run natively here: a CUDA device with bf16, or a CPU on which
+    oneDNN has a bf16 path (AVX512-BF16, AMX, or AVX-512 core). On AVX2-only CPUs (e.g. AMD
+    Zen 2) torch emulates bf16 matmuls, measured 7x slower than fp32 for the bundled model's
+    forward (docs/design-changes.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: str, device: torch.device | str = "cpu") -> str:
+    """The concrete setting of `amp`: "auto" is "bf16" where bf16 is native (see
+    native_bf16) and "none" (fp32) elsewhere; the others are returned unchanged."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "none"
 
 
 def amp_dtype(amp: str | None) -> torch.dtype | None:

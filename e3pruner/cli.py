@@ -90,6 +90,8 @@ def cmd_eval_ppl(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     res = perplexity(model, args.data, args.ctx_len, tokenizer=tok, stride=args.stride,
                      batch_size=args.batch_size, max_tokens=args.max_tokens)
+    for key in ("window_nll", "window_tokens"):
+        res.pop(key)
     res.update(model=args.model, data=args.data, seconds=round(time.time() - t0, 1))
     if args.max_tokens and res["tokens"] < args.max_tokens - 1:
         print(f"e3pruner eval-ppl: warning: {args.data!r} has only {res['tokens'] + 1:,} tokens; "
@@ -113,6 +115,8 @@ def cmd_eval_zeroshot(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     res = zero_shot(model, tok, tasks, limit=args.limit or None, batch_size=args.batch_size,
                     progress=not args.json)
+    for t in tasks:
+        res[t].pop("item_scores")
     res.update(model=args.model, limit=args.limit or None, seconds=round(time.time() - t0, 1))
     if args.json:
         print(_json(res))
@@ -191,8 +195,9 @@ def _add_prune_parser(sub) -> None:
                    "or st (straight-through)")
     p.add_argument("--per-sample", action="store_true",
                    help="with --estimator st: one mask per sample (else one per batch)")
-    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "none"],
-                   help="autocast dtype for search and recovery (perplexity is always fp32)")
+    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast dtype for search and recovery: auto (default) is bf16 where "
+                   "the CPU/GPU runs it natively, else fp32 (perplexity is always fp32)")
     p.add_argument("--eval-tokens", type=_tokens, default=d.eval_tokens)
     p.add_argument("--eval-ctx", type=int, default=d.eval_ctx)
     p.add_argument("--out", default=d.out)
@@ -296,7 +301,8 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--calib-blocks", type=int, default=d.calib_blocks)
     p.add_argument("--lr", type=float, default=d.lr, help="recovery peak learning rate")
-    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "none"])
+    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast: auto (default: bf16 where native, else fp32), bf16, fp16, none")
     p.add_argument("--weighting", default=d.weighting)
     p.add_argument("--eval-tokens", type=_tokens, default=d.eval_tokens)
     p.add_argument("--eval-ctx", type=int, default=d.eval_ctx)
@@ -310,6 +316,12 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--export", action="store_true", help="also save every pruned checkpoint")
     p.add_argument("--out", default=d.out)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds", type=int, default=d.seeds,
+                   help="run every method for seeds --seed .. --seed+N-1 (data order, "
+                   "selection, recovery) and report mean ± std and paired tests against E3")
+    p.add_argument("--heldout-extra", default=d.heldout_extra,
+                   help="more held-out texts, comma-separated specs (default: the bundled "
+                   "'sciq' science prose; '' for none)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")

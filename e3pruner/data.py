@@ -10,8 +10,10 @@ evaluation requests as files. We use them as plain text:
   (ARC, HellaSwag, PIQA, BoolQ, WinoGrande, OpenBookQA) is used for training.
 * held-out perplexity split ("heldout"): LAMBADA test passages (fiction from novels, which
   none of the training sources contains), context + final word, deduplicated.
+* a second held-out text of another kind ("sciq"): the SciQ support paragraphs (expository
+  science prose from textbooks), deduplicated; neither a training source nor a zero-shot set.
 
-Spec strings accepted by `load_texts`: "bundled", "heldout" (alias "lambada"), a path to
+Spec strings accepted by `load_texts`: "bundled", "heldout" (alias "lambada"), "sciq", a path to
 a .txt file (documents separated by blank lines), a .jsonl/.jsonl.gz file (field "text"
 or `field=`), or "hf:NAME[:CONFIG][@SPLIT]" for an HF dataset (needs `datasets` and the
 dataset available offline or online).
@@ -102,6 +104,14 @@ def bundled_heldout_texts() -> list[str]:
                  for r in _requests("lambada/bpb_0shot"))
 
 
+def bundled_sciq_texts() -> list[str]:
+    """SciQ support paragraphs (science textbook prose), deduplicated, original order."""
+    return dedup(r["doc"].get("support", "") for r in _requests("sciq/rc_0shot"))
+
+
+NAMED_SPECS = ("bundled", "train", "heldout", "lambada", "sciq")
+
+
 class DataError(ValueError):
     """A data file that cannot be used; the message names the file (and line)."""
 
@@ -183,6 +193,8 @@ def load_texts(spec: str, *, field: str = "text", seed: int = 0) -> list[str]:
         return bundled_train_texts(seed=seed)
     if spec in ("heldout", "lambada"):
         return bundled_heldout_texts()
+    if spec == "sciq":
+        return bundled_sciq_texts()
     if spec.startswith("hf:"):
         return _hf_texts(spec, field)
     check_spec(spec)
@@ -191,11 +203,11 @@ def load_texts(spec: str, *, field: str = "text", seed: int = 0) -> list[str]:
 
 def check_spec(spec: str) -> None:
     """FileNotFoundError unless `spec` is a named corpus, hf:NAME or an existing file."""
-    if spec in ("bundled", "train", "heldout", "lambada") or spec.startswith("hf:"):
+    if spec in NAMED_SPECS or spec.startswith("hf:"):
         return
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"data spec {spec!r} is not 'bundled', 'heldout', 'hf:NAME' "
+        raise FileNotFoundError(f"data spec {spec!r} is not 'bundled', 'heldout', 'sciq', 'hf:NAME' "
                                 "or an existing .txt/.jsonl file")
     if not path.is_file():
         raise DataError(f"data spec {spec!r} is a directory, not a .txt/.jsonl file")
@@ -230,7 +242,7 @@ def _cache_key(spec: str, tokenizer, seed: int, field: str) -> str:
     vocab = tokenizer.get_vocab()
     h.update(json.dumps([spec, seed, field, len(vocab), tokenizer.eos_token_id,
                          sorted(vocab.items())[:2000:37]]).encode())
-    if spec not in ("bundled", "train", "heldout", "lambada") and Path(spec).exists():
+    if spec not in NAMED_SPECS and Path(spec).exists():
         st = Path(spec).stat()
         h.update(f"{Path(spec).resolve()}-{st.st_size}-{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]

@@ -142,7 +142,7 @@ def validate(args: PruneArgs, dist: DistContext = SINGLE) -> tuple[int, int]:
     check_int(args, "recovery_batch_size", 1, allow_none=True)
     check_positive(args, "lr")
     check_positive(args, "search_lr")
-    check_choice(args, "amp", ("bf16", "fp16", "none"))
+    check_choice(args, "amp", ("bf16", "fp16", "none"))  # (after with_resolved_amp)
     check_choice(args, "scope", ("full", "endpoints", "lora"))
     check_choice(args, "teacher", ("live", "cache"))
     check_choice(args, "weighting", WEIGHTINGS)
@@ -395,8 +395,33 @@ def prepare_data(args, tok, log=print):
     return data, heldout
 
 
+def with_resolved_amp(args, log=print):
+    """`args` with --amp auto made concrete for its device (bf16 where native, else fp32;
+    see amp.resolve_amp), a warning logged when an explicit bf16 is emulated here."""
+    from dataclasses import replace
+
+    from e3pruner.amp import AMP_CHOICES, native_bf16, resolve_amp
+
+    if args.amp not in AMP_CHOICES:
+        return args  # validate() names the bad value
+    try:
+        native = native_bf16(args.device)
+    except (RuntimeError, ValueError):
+        return args  # a bad --device: validate() says so
+    if args.amp == "auto":
+        amp = resolve_amp("auto", args.device)
+        log(f"amp: auto -> {amp} ({'bf16 is native' if native else 'no native bf16'} on "
+            f"{args.device})")
+        return replace(args, amp=amp)
+    if args.amp == "bf16" and not native:
+        log(f"warning: --amp bf16 on {args.device} without native bf16: autocast emulates it, "
+            "several times slower than fp32 here (--amp auto picks fp32)")
+    return args
+
+
 def run_prune(args: PruneArgs, log=print, dist: DistContext = SINGLE) -> dict:
     """Run (or with --resume continue) a prune into args.out; returns the report."""
+    args = with_resolved_amp(args, log if dist.is_main else (lambda *_a, **_k: None))
     run = Path(args.out)
     outcome: tuple = (None, None, None, None, None)
     if dist.is_main:  # rank 0 validates and makes --out; the others wait for its verdict

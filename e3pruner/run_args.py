@@ -20,7 +20,8 @@ class RunArgs:
     search_tokens: int = 32_768
     recovery_tokens: int = 32_768  # 0: no recovery
     lr: float = 4e-4  # recovery peak learning rate
-    amp: str = "bf16"  # autocast for the search and recovery forward/backward ("none": off)
+    amp: str = "auto"  # autocast for the search and recovery forward/backward: "auto" (bf16
+    # where the CPU/GPU runs bf16 natively, else fp32), "bf16", "fp16" or "none" (off)
     weighting: str = "entropy"  # KD token weighting
     eval_tokens: int = 8_192
     eval_ctx: int = 512

@@ -43,7 +43,8 @@ def perplexity(model, split, ctx_len: int = 512, *, tokenizer=None, stride: int 
 
     split: a 1-D token tensor, or a data spec ("heldout", a file...; needs `tokenizer`).
     max_tokens: score only the first this-many tokens of the stream (faster; stated in the
-    result). Returns {"ppl", "nll", "tokens", "ctx_len", "stride"}.
+    result). Returns {"ppl", "nll", "tokens", "ctx_len", "stride", "window_nll" (the summed
+    NLL of each window, for paired comparisons), "window_tokens" (the tokens it scored)}.
     """
     if ctx_len < 2:
         raise ValueError(f"ctx_len must be >= 2, got {ctx_len}")
@@ -66,6 +67,8 @@ def perplexity(model, split, ctx_len: int = 512, *, tokenizer=None, stride: int 
     device = torch.device(device) if device else next(model.parameters()).device
     windows = list(_windows(stream.numel(), ctx_len, stride))
     total_nll, total = 0.0, 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress,
@@ -84,13 +87,17 @@ def perplexity(model, split, ctx_len: int = 512, *, tokenizer=None, stride: int 
                     < torch.tensor([e - b for b, e, _ in group], device=device)[:, None])
             logits = model(input_ids=ids, attention_mask=attn.long(), use_cache=False).logits
             nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                  target[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-            total_nll += nll.item()
-            total += int((target[:, 1:] != -100).sum())
+                                  target[:, 1:].reshape(-1), ignore_index=-100,
+                                  reduction="none").view(len(group), -1).sum(1)
+            counts = (target[:, 1:] != -100).sum(1)
+            window_nll += nll.tolist()
+            window_tokens += counts.tolist()
+            total_nll += float(nll.sum())
+            total += int(counts.sum())
             bar.update(len(group))
     finally:
         bar.close()
         model.train(was_training)
     mean = total_nll / total
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total, "ctx_len": ctx_len,
-            "stride": stride}
+            "stride": stride, "window_nll": window_nll, "window_tokens": window_tokens}

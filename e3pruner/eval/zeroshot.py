@@ -409,7 +409,7 @@ def evaluate_items(model, tokenizer, items: Sequence[Item], *, batch_size: int =
     return {"acc": sum(acc) / n if n else float("nan"),
             "acc_norm": sum(norm) / n if n else float("nan"),
             "acc_stderr": _stderr(acc), "acc_norm_stderr": _stderr(norm), "n": n,
-            "loglikelihoods": per_item}
+            "loglikelihoods": per_item, "acc_items": acc, "acc_norm_items": norm}
 
 
 def zero_shot(model, tokenizer, tasks: str | Sequence[str] | None = None,
@@ -418,7 +418,8 @@ def zero_shot(model, tokenizer, tasks: str | Sequence[str] | None = None,
 
     tasks: None (all 7), names or a comma-separated string. limit: the first N items per task.
     Returns {task: {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "metric",
-    "score", "seconds"}, "average": mean of each task's `score` (its `metric`: acc_norm
+    "score", "stderr" (of score), "item_scores" (each item's 0/1 under `metric`, in item
+    order, for paired comparisons), "seconds"}, "average": mean of each task's `score` (its `metric`: acc_norm
     where lm-eval's stock task reports it, else acc), "average_acc", "average_acc_norm"}.
     """
     names = resolve_tasks(tasks)
@@ -434,7 +435,9 @@ def zero_shot(model, tokenizer, tasks: str | Sequence[str] | None = None,
                                  batch_size=batch_size, progress=progress, desc=name)
             res.pop("loglikelihoods")
             metric = TASKS[name].metric
-            res.update(metric=metric, score=res[metric],
+            items = {"acc": res.pop("acc_items"), "acc_norm": res.pop("acc_norm_items")}
+            res.update(metric=metric, score=res[metric], stderr=res[f"{metric}_stderr"],
+                       item_scores=items[metric],
                        seconds=round(time.perf_counter() - t0, 2))
             out[name] = res
     finally:

@@ -18,7 +18,7 @@ def _args(tmp_path, model_dir, train, held, **kw):
                 search_tokens=32 * 2 * 6, recovery_tokens=32 * 2 * 3, eval_tokens=600,
                 eval_ctx=64, tasks="arc_easy,boolq", zeroshot_limit=3, population=4,
                 generations=1, operator="classic", out=str(tmp_path / "cmp"), progress=False,
-                prune_layers=2, amp="none")
+                prune_layers=2, amp="none", heldout_extra=None)
     base.update(kw)
     return CompareArgs(**base)
 
@@ -119,3 +119,48 @@ def test_cli_compare_small(tmp_path, capsys):
     assert "| shortgpt |" in out and "| angular |" in out and "ARC-E" not in out
     rc = main(["compare", "--methods", "bogus", "--model", str(model_dir), "--out", str(tmp_path / "d")])
     assert rc == 2 and "available" in capsys.readouterr().err
+
+
+def test_seeds_error_bars_second_heldout_and_paired_tests(tmp_path, monkeypatch):
+    model_dir, train, held = tiny_model_dir(tmp_path, "qwen3")
+    kw = dict(methods="e3,shortgpt,angular", seeds=2, heldout_extra=str(train),
+              tasks="arc_easy", zeroshot_limit=6, search_tokens=32 * 2 * 4)
+    report = run_compare(_args(tmp_path, model_dir, train, held, **kw), log=lambda *_: None)
+    assert report["seeds"] == [0, 1] and report["heldout"]["texts"] == [str(held), str(train)]
+    for name, m in report["methods"].items():
+        assert list(m["per_seed"]) == ["0", "1"] and len(m["removed_layers_per_seed"]) == 2
+        after = m["heldout"][str(held)]["after"]
+        assert after["n"] == 2 and after["std"] is not None
+        assert after["mean"] == pytest.approx(sum(after["values"]) / 2)
+        assert after["values"] == [m["per_seed"][s]["ppl_after"][str(held)] for s in ("0", "1")]
+        assert m["heldout"][str(train)]["after"]["mean"] > 1
+        assert 0 < m["mask_stability"]["share_modal"] <= 1
+        assert m["zeroshot"]["arc_easy"]["n"] == 6 and m["zeroshot"]["arc_easy"]["stderr"] >= 0
+    # the seeds differ in their data order, so the recovered models differ
+    e3 = report["methods"]["e3"]["heldout"][str(held)]["after"]["values"]
+    assert e3[0] != e3[1]
+    vs = report["methods"]["shortgpt"]["vs_e3"]
+    for key in (f"ppl_after:{held}", f"ppl_before:{train}", "zeroshot_items", "seeds_sign_test"):
+        assert key in vs
+    d = vs[f"ppl_after:{held}"]
+    assert d["ppl_ratio_ci"][0] <= d["ppl_ratio"] <= d["ppl_ratio_ci"][1]
+    assert d["verdict"] in ("a<b", "a>b", "tie") and "vs_e3" not in report["methods"]["e3"]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "±" in table and "same mask over seeds" in table and "[95% CI]" in table
+    assert "--seeds 2" in table and report["cpu"] in table
+
+    # one more seed on resume: only its rows run
+    import e3pruner.compare as cmp_mod
+
+    ran = []
+    real = cmp_mod.method_config
+
+    def counting(name, args):
+        ran.append((name, args.seed))
+        return real(name, args)
+
+    monkeypatch.setattr(cmp_mod, "method_config", counting)
+    more = run_compare(_args(tmp_path, model_dir, train, held, resume=True, **{**kw, "seeds": 3}),
+                       log=lambda *_: None)
+    assert sorted(ran) == [("angular", 2), ("e3", 2), ("shortgpt", 2)]
+    assert more["methods"]["e3"]["heldout"][str(held)]["after"]["values"][:2] == e3
