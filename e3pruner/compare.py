@@ -401,10 +401,8 @@ def _zeroshot_summary(zs_per_seed: list[dict | None], tasks: list[str]) -> dict 
     for t in tasks:
         scores = mean_std([z[t]["score"] for z in zs_per_seed])
         items = _seed_mean([z[t]["item_scores"] for z in zs_per_seed])
-        n = len(items)
-        mu = sum(items) / n
-        stderr = (math.sqrt(sum((x - mu) ** 2 for x in items) / (n - 1) / n) if n > 1
-                  else None)
+        spread = mean_std(items)["std"]
+        stderr = None if spread is None else spread / math.sqrt(len(items))
         out[t] = {"score": scores["mean"], "score_std": scores["std"], "stderr": stderr,
                   "n": zs_per_seed[0][t]["n"], "metric": zs_per_seed[0][t]["metric"]}
     avg = mean_std([z["average"] for z in zs_per_seed])
@@ -470,6 +468,8 @@ def build_report(args: CompareArgs, teacher: dict, per_seed: dict[str, dict], n_
                 "before": stat(lambda r, spec=spec: r["heldout_before"][spec]["ppl"]),
                 "after": stat(lambda r, spec=spec: None if r["heldout_after"] is None
                               else r["heldout_after"][spec]["ppl"])}
+        calib_kd = stat(lambda r: r.get("mask_kd"))
+        rec_seconds = stat(lambda r: r.get("recovery", {}).get("seconds"))
         masks = [tuple(x) for x in removed] if removed else []
         modal = max(set(masks), key=masks.count) if masks else None
         methods[name] = {
@@ -479,17 +479,15 @@ def build_report(args: CompareArgs, teacher: dict, per_seed: dict[str, dict], n_
                 "distinct_masks": len(set(masks)), "modal_mask": list(modal),
                 "share_modal": masks.count(modal) / len(masks)},
             "width_rates": width,
-            "calib_kd_of_mask": (None if rows[0].get("mask_kd") is None
-                                 else stat(lambda r: r["mask_kd"])["mean"]),
-            "calib_kd_of_mask_stats": stat(lambda r: r.get("mask_kd")),
+            "calib_kd_of_mask": None if calib_kd is None else calib_kd["mean"],
+            "calib_kd_of_mask_stats": calib_kd,
             "ppl_before_recovery": heldout[specs[0]]["before"]["mean"],
             "ppl_after_recovery": (None if heldout[specs[0]]["after"] is None
                                    else heldout[specs[0]]["after"]["mean"]),
             "heldout": heldout,
             "zeroshot": _zeroshot_summary([r.get("zeroshot") for r in rows], tasks),
             "search_seconds": stat(lambda r: r["search_seconds"])["mean"],
-            "recovery_seconds": (None if rows[0].get("recovery", {}).get("seconds") is None
-                                 else stat(lambda r: r["recovery"]["seconds"])["mean"]),
+            "recovery_seconds": None if rec_seconds is None else rec_seconds["mean"],
             "tokens": {"selection": sel0["tokens"], "recovery": rows[0]["recovery"]["tokens"]},
             "recovery_scope": (rows[0]["recovery"].get("config") or {}).get("scope"),
             "info": {k: v for k, v in sel0["info"].items() if k in (
