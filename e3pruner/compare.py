@@ -34,6 +34,7 @@ from e3pruner.pipeline import (
     check_out_dir,
     check_positive,
     discard_out_dir,
+    heldout_tokens,
     model_num_layers,
     prepare_data,
     prepare_out_dir,
@@ -113,14 +114,7 @@ def validate(args: CompareArgs) -> tuple[list[str], int, int]:
     except ValueError as err:
         raise PruneError(str(err)) from err
     check_model_options(args)
-    check_data_specs(args)
-    from e3pruner.data import check_spec
-
-    for spec in heldout_specs(args)[1:]:
-        try:
-            check_spec(spec)
-        except (OSError, ValueError) as err:
-            raise PruneError(f"--heldout-extra: {err}") from None
+    check_data_specs(args, extra_heldout=tuple(heldout_specs(args)[1:]))
     check_out_dir(args.out, args.resume, args.overwrite)
     n_layers = model_num_layers(args.model)
     return methods, n_layers, resolve_n_prune(n_layers, args.prune_layers, args.ratio)
@@ -168,7 +162,6 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
                  n_prune: int, log) -> dict:
     from dataclasses import replace
 
-    from e3pruner.data import token_stream
     from e3pruner.eval.perplexity import perplexity
     from e3pruner.eval.zeroshot import resolve_tasks, zero_shot
     from e3pruner.models import load_model
@@ -189,10 +182,7 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
     specs = heldout_specs(args)
     streams = {specs[0]: main_heldout}
     for spec in specs[1:]:
-        streams[spec] = token_stream(spec, tok)[: args.eval_tokens]
-        if streams[spec].numel() < 2 * args.eval_ctx:
-            raise PruneError(f"--heldout-extra {spec!r} gives only {streams[spec].numel()} "
-                             f"tokens: a perplexity needs two windows of --eval-ctx")
+        streams[spec] = heldout_tokens(args, tok, spec, "--heldout-extra", log)
 
     def ppl(m) -> dict:
         """{spec: {"ppl", "window_nll"}} on every held-out text."""

@@ -182,24 +182,45 @@ def validate(args: PruneArgs, dist: DistContext = SINGLE) -> tuple[int, int]:
     return n_layers, resolve_n_prune(n_layers, args.prune_layers, args.ratio)
 
 
-def check_data_specs(args) -> None:
+def check_data_specs(args, extra_heldout: tuple[str, ...] = ()) -> None:
+    """Every text spec readable: --data, --heldout and the `extra_heldout` specs
+    (compare's --heldout-extra); errors name the flag."""
     from e3pruner.data import check_spec
 
-    for name in ("data", "heldout"):
+    named = [(flag(name), getattr(args, name)) for name in ("data", "heldout")]
+    for option, spec in named + [("--heldout-extra", s) for s in extra_heldout]:
         try:
-            check_spec(getattr(args, name))
+            check_spec(spec)
         except (OSError, ValueError) as err:
-            raise PruneError(f"{flag(name)}: {err}") from None
+            raise PruneError(f"{option}: {err}") from None
 
 
-def _tokens_of(args, name: str, tok, **kw) -> torch.Tensor:
-    """token_stream of --data/--heldout; a file's errors name the flag, file and line."""
+def _tokens_of(spec: str, option: str, tok, **kw) -> torch.Tensor:
+    """token_stream of one text spec; a file's errors name the flag, file and line."""
     from e3pruner.data import DataError, token_stream
 
     try:
-        return token_stream(getattr(args, name), tok, **kw)
+        return token_stream(spec, tok, **kw)
     except (DataError, FileNotFoundError) as err:
-        raise PruneError(f"{flag(name)}: {err}") from None
+        raise PruneError(f"{option}: {err}") from None
+
+
+def heldout_tokens(args, tok, spec: str | None = None, option: str = "--heldout",
+                   log=print) -> torch.Tensor:
+    """Held-out token ids [<= eval_tokens] of `spec` (default --heldout). Fewer than
+    min(eval_tokens, 2 * eval_ctx) raise (a perplexity needs two windows); fewer than
+    eval_tokens warn."""
+    spec = args.heldout if spec is None else spec
+    ids = _tokens_of(spec, option, tok)[: args.eval_tokens]
+    need = min(args.eval_tokens, 2 * args.eval_ctx)
+    if ids.numel() < need:
+        raise PruneError(f"{option} {spec!r} gives only {ids.numel()} tokens: a "
+                         f"perplexity needs at least {need} (two windows of --eval-ctx "
+                         f"{args.eval_ctx}, or --eval-tokens); give more held-out text")
+    if ids.numel() < args.eval_tokens:
+        log(f"warning: {option} {spec!r} has only {ids.numel():,} tokens: the "
+            f"perplexities score those, not the {args.eval_tokens:,} of --eval-tokens")
+    return ids
 
 
 def recovery_ce_weight(args: PruneArgs) -> float:
@@ -373,7 +394,7 @@ def prepare_data(args, tok, log=print):
     from e3pruner.data import TokenBlocks
     from e3pruner.methods import PruneData
 
-    stream = _tokens_of(args, "data", tok, seed=args.seed)
+    stream = _tokens_of(args.data, "--data", tok, seed=args.seed)
     if stream.numel() < args.block_len:
         raise PruneError(f"--data {args.data!r} gives only {stream.numel()} tokens: fewer than "
                          f"one block of --block-len {args.block_len}; give more text")
@@ -383,16 +404,7 @@ def prepare_data(args, tok, log=print):
                          f"{args.block_len} tokens; need more text")
     data = PruneData(calib=blocks.take(args.calib_blocks, 0), blocks=blocks,
                      train_start=args.calib_blocks)
-    heldout = _tokens_of(args, "heldout", tok)[: args.eval_tokens]
-    need = min(args.eval_tokens, 2 * args.eval_ctx)
-    if heldout.numel() < need:
-        raise PruneError(f"--heldout {args.heldout!r} gives only {heldout.numel()} tokens: a "
-                         f"perplexity needs at least {need} (two windows of --eval-ctx "
-                         f"{args.eval_ctx}, or --eval-tokens); give more held-out text")
-    if heldout.numel() < args.eval_tokens:
-        log(f"warning: --heldout {args.heldout!r} has only {heldout.numel():,} tokens: the "
-            f"perplexities score those, not the {args.eval_tokens:,} of --eval-tokens")
-    return data, heldout
+    return data, heldout_tokens(args, tok, log=log)
 
 
 def with_resolved_amp(args, log=print):

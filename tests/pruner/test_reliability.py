@@ -290,6 +290,27 @@ def test_fewer_heldout_tokens_than_asked_warns(tmp_path):
     assert any("warning" in x and f"{heldout.numel():,}" in x for x in lines)
 
 
+def test_heldout_extra_texts_are_checked_like_heldout(tmp_path):
+    """compare's --heldout-extra goes through the same held-out checks, named by its flag."""
+    from e3pruner.pipeline import check_data_specs, heldout_tokens
+    from tests.pruner.tiny_models import word_tokenizer
+
+    _, train, held = tiny_model_dir(tmp_path, "llama")
+    args = PruneArgs(**_args(tmp_path, "m", train, held, eval_tokens=64, eval_ctx=16))
+    (tmp_path / "short.txt").write_text("w1 w2 w3")
+    (tmp_path / "bad.jsonl").write_text('{"text": "w1"}\n{"text": w2}\n')
+    with pytest.raises(PruneError, match=r"--heldout-extra .*short\.txt.* only \d+ tokens.* 32"):
+        heldout_tokens(args, word_tokenizer(), str(tmp_path / "short.txt"), "--heldout-extra")
+    with pytest.raises(PruneError, match=r"--heldout-extra: .*bad\.jsonl, line 2"):
+        heldout_tokens(args, word_tokenizer(), str(tmp_path / "bad.jsonl"), "--heldout-extra")
+    with pytest.raises(PruneError, match=r"--heldout-extra: .*missing\.txt"):
+        check_data_specs(args, extra_heldout=(str(tmp_path / "missing.txt"),))
+    lines = []
+    ids = heldout_tokens(args, word_tokenizer(), str(held), "--heldout-extra", lines.append)
+    assert 32 <= ids.numel() <= 64
+    assert all("--heldout-extra" in x for x in lines)
+
+
 @pytest.mark.parametrize("name,content,match", [
     ("a.jsonl", '{"text": "w1 w2"}\n{"text": null}\n', r"a\.jsonl, line 2: field 'text' is null"),
     ("b.jsonl", '{"text": "w1"}\n\n{"text": w2}\n', r"b\.jsonl, line 3: not valid JSON"),
