@@ -93,14 +93,25 @@ def plot_loss(records: list[dict], path: str | Path) -> Path:
     return path
 
 
-def plot_removed_layers(removed: dict[str, list[int]], num_layers: int, path: str | Path,
-                        title: str = "removed layers per method") -> Path:
-    """Grid: one row per method, one column per layer, filled where the layer is removed."""
+def removed_share(removed: list[int] | list[list[int]], num_layers: int) -> np.ndarray:
+    """[num_layers] share of the runs that removed each layer: `removed` is one run's
+    layers or a list of runs' layer lists (e.g. one per seed)."""
+    runs = removed if removed and isinstance(removed[0], (list, tuple)) else [removed]
+    share = np.zeros(num_layers)
+    for layers in runs:
+        share[list(layers)] += 1.0 / len(runs)
+    return share
+
+
+def plot_removed_layers(removed: dict[str, list[int] | list[list[int]]], num_layers: int,
+                        path: str | Path, title: str = "removed layers per method") -> Path:
+    """Grid: one row per method, one column per layer, shaded by the share of runs (seeds)
+    that removed the layer (full: every run)."""
     path = Path(path)
     names = list(removed)
     grid = np.zeros((max(1, len(names)), num_layers))
     for row, name in enumerate(names):
-        grid[row, removed[name]] = 1
+        grid[row] = removed_share(removed[name], num_layers)
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * num_layers + 2), 0.45 * len(names) + 1.6))
     ax.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=1.25, interpolation="nearest")
     ax.set_yticks(range(len(names)), names)
@@ -109,7 +120,8 @@ def plot_removed_layers(removed: dict[str, list[int]], num_layers: int, path: st
     ax.set_yticks(np.arange(-0.5, len(names)), minor=True)
     ax.grid(which="minor", color="white", linewidth=1)
     ax.tick_params(which="minor", length=0)
-    ax.set_xlabel("layer (filled = removed)")
+    ax.set_xlabel("layer (filled = removed; lighter = removed by fewer seeds)"
+                  if (grid % 1).any() else "layer (filled = removed)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
