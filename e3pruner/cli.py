@@ -158,6 +158,7 @@ def cmd_prune(args) -> int:
 
 
 def _add_prune_parser(sub) -> None:
+    from e3pruner.amp import AMP_CHOICES
     from e3pruner.pipeline import PruneArgs
 
     d = PruneArgs()
@@ -195,7 +196,7 @@ def _add_prune_parser(sub) -> None:
                    "or st (straight-through)")
     p.add_argument("--per-sample", action="store_true",
                    help="with --estimator st: one mask per sample (else one per batch)")
-    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "none"],
+    p.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
                    help="autocast dtype for search and recovery: auto (default) is bf16 where "
                    "the CPU/GPU runs it natively, else fp32 (perplexity is always fp32)")
     p.add_argument("--eval-tokens", type=_tokens, default=d.eval_tokens)
@@ -279,6 +280,7 @@ def cmd_compare(args) -> int:
 
 
 def _add_compare_parser(sub) -> None:
+    from e3pruner.amp import AMP_CHOICES
     from e3pruner.compare import CompareArgs
 
     d = CompareArgs()
@@ -301,7 +303,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--calib-blocks", type=int, default=d.calib_blocks)
     p.add_argument("--lr", type=float, default=d.lr, help="recovery peak learning rate")
-    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "none"],
+    p.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
                    help="autocast: auto (default: bf16 where native, else fp32), bf16, fp16, none")
     p.add_argument("--weighting", default=d.weighting)
     p.add_argument("--eval-tokens", type=_tokens, default=d.eval_tokens)

@@ -39,6 +39,7 @@ from e3pruner.pipeline import (
     prepare_data,
     prepare_out_dir,
     resolve_n_prune,
+    training_data,
     with_resolved_amp,
 )
 from e3pruner.hardware import cpu_name
@@ -216,7 +217,7 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
     runs = {k: dict(v) for k, v in (state.get("runs") or {}).items()}
     for seed in seeds:
         args_s = replace(args, seed=seed)
-        data_s = data if seed == args.seed else prepare_data(args_s, tok, lambda *_: None)[0]
+        data_s = data if seed == args.seed else training_data(args_s, tok)
         results = runs.setdefault(str(seed), {})
         scorer = _LazyScorer(model, data_s.calib, args)
         for name in methods:

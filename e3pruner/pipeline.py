@@ -389,8 +389,14 @@ def _plain(value):
 
 
 def prepare_data(args, tok, log=print):
-    """(PruneData, held-out token ids [<= eval_tokens]) from args.data / args.heldout: the
-    first calib_blocks blocks of the seeded block order calibrate, the rest train."""
+    """(PruneData, held-out token ids [<= eval_tokens]) from args.data / args.heldout (see
+    training_data and heldout_tokens)."""
+    return training_data(args, tok), heldout_tokens(args, tok, log=log)
+
+
+def training_data(args, tok):
+    """PruneData of args.data in the block order of args.seed: the first calib_blocks
+    blocks calibrate, the rest train."""
     from e3pruner.data import TokenBlocks
     from e3pruner.methods import PruneData
 
@@ -402,9 +408,8 @@ def prepare_data(args, tok, log=print):
     if len(blocks) < args.calib_blocks + max(args.batch_size, args.recovery_batch()):
         raise PruneError(f"data {args.data!r} gives only {len(blocks)} blocks of "
                          f"{args.block_len} tokens; need more text")
-    data = PruneData(calib=blocks.take(args.calib_blocks, 0), blocks=blocks,
+    return PruneData(calib=blocks.take(args.calib_blocks, 0), blocks=blocks,
                      train_start=args.calib_blocks)
-    return data, heldout_tokens(args, tok, log=log)
 
 
 def with_resolved_amp(args, log=print):
@@ -417,15 +422,15 @@ def with_resolved_amp(args, log=print):
     if args.amp not in AMP_CHOICES:
         return args  # validate() names the bad value
     try:
-        native = native_bf16(args.device)
+        if args.amp == "auto":
+            amp = resolve_amp("auto", args.device)
+            log(f"amp: auto -> {amp} ({'bf16 is native' if amp == 'bf16' else 'no native bf16'}"
+                f" on {args.device})")
+            return replace(args, amp=amp)
+        emulated_bf16 = args.amp == "bf16" and not native_bf16(args.device)
     except (RuntimeError, ValueError):
         return args  # a bad --device: validate() says so
-    if args.amp == "auto":
-        amp = resolve_amp("auto", args.device)
-        log(f"amp: auto -> {amp} ({'bf16 is native' if native else 'no native bf16'} on "
-            f"{args.device})")
-        return replace(args, amp=amp)
-    if args.amp == "bf16" and not native:
+    if emulated_bf16:
         log(f"warning: --amp bf16 on {args.device} without native bf16: autocast emulates it, "
             "several times slower than fp32 here (--amp auto picks fp32)")
     return args
