@@ -170,6 +170,9 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
 
     t0 = time.time()
     run = Path(args.out)
+    prior_wall = float(state.get("wall_seconds") or 0.0)
+    invocations = int(state.get("invocations") or 0) + 1
+    state.set("invocations", invocations)
     state.set("finished", False)
     seed_everything(args.seed)
     tasks = resolve_tasks(args.tasks)
@@ -227,6 +230,7 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
             def save(res=res, name=name, results=results, seed=seed):
                 results[name] = res
                 runs[str(seed)] = results
+                state.data["wall_seconds"] = prior_wall + time.time() - t0
                 state.set("runs", runs)
 
             _compare_method(name, res, save, args_s, model, data_s, tok, n_layers, n_prune,
@@ -237,8 +241,10 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
                 f"after {'-' if after is None else round(after[specs[0]]['ppl'], 2)}")
 
     per_seed = {str(s): {m: runs[str(s)][m] for m in methods} for s in seeds}
-    report = build_report(args, teacher, per_seed, n_layers, n_prune, tasks, specs,
-                          time.time() - t0)
+    seconds = time.time() - t0
+    state.set("wall_seconds", prior_wall + seconds)
+    report = build_report(args, teacher, per_seed, n_layers, n_prune, tasks, specs, seconds,
+                          wall=(prior_wall + seconds, invocations))
     report["plot"] = str(plot_removed_layers(
         {m: report["methods"][m]["removed_layers_per_seed"] for m in methods
          if report["methods"][m]["removed_layers"] is not None},
@@ -434,7 +440,8 @@ def _paired_vs(rows: list[dict], ref: list[dict], specs: list[str], tasks: list[
 
 
 def build_report(args: CompareArgs, teacher: dict, per_seed: dict[str, dict], n_layers: int,
-                 n_prune: int, tasks: list[str], specs: list[str], seconds: float) -> dict:
+                 n_prune: int, tasks: list[str], specs: list[str], seconds: float,
+                 wall: tuple[float, int] | None = None) -> dict:
     """compare.json: per method the seed means (and stds) of every column, the per-seed
     rows (without per-item lists), and the paired comparison with E3."""
     from e3pruner.eval.stats import mean_std
@@ -516,7 +523,9 @@ def build_report(args: CompareArgs, teacher: dict, per_seed: dict[str, dict], n_
                         "texts": specs},
             "recovery_tokens": args.recovery_tokens, "search_tokens": args.search_tokens,
             "teacher": teacher_out, "methods": methods, "reference": ref,
-            "seconds_this_invocation": seconds, "command": command_line(args),
+            "seconds_this_invocation": seconds,
+            "seconds_all_invocations": seconds if wall is None else wall[0],
+            "invocations": 1 if wall is None else wall[1], "command": command_line(args),
             "args": asdict(args)}
 
 
@@ -649,6 +658,9 @@ def format_markdown(r: dict) -> str:
                      f"{'all items' if limit is None else f'the first {limit} items per task'}"
                      f" ({ns}): acc_norm for ARC, HellaSwag, PIQA, OBQA; acc for BoolQ, "
                      "WinoGrande (lm-eval's stock metrics).")
-    notes.append(f"Wall time of this invocation: {r['seconds_this_invocation']:.0f} s. "
-                 f"Reproduce: `{r['command']}`")
+    total, n_inv = r.get("seconds_all_invocations"), r.get("invocations", 1)
+    wall = f"Wall time of this invocation: {r['seconds_this_invocation']:.0f} s"
+    if total is not None and n_inv > 1:
+        wall += f"; of the {n_inv} invocations recorded in state.json: {total:.0f} s"
+    notes.append(f"{wall}. Reproduce: `{r['command']}`")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

@@ -358,7 +358,8 @@ class RunState:
             write_json(self.path, self.data)
 
     def has_results(self) -> bool:
-        return any(k not in ("args", "finished", "processes") for k in self.data)
+        return any(k not in ("args", "finished", "processes", "invocations", "wall_seconds")
+                   for k in self.data)
 
     def check_resume(self, args, keys: tuple[str, ...] | None = None,
                      free: tuple[str, ...] = RESUME_FREE) -> None:

@@ -66,6 +66,13 @@ def test_every_method_one_table_and_resume(tmp_path, monkeypatch):
     again = run_compare(_args(tmp_path, model_dir, train, held, resume=True), log=lambda *_: None)
     for name in names:
         assert again["methods"][name]["ppl_after_recovery"] == report["methods"][name]["ppl_after_recovery"]
+    # wall time adds up over invocations (state.json), not only this one's
+    assert report["invocations"] == 1
+    assert report["seconds_all_invocations"] == pytest.approx(report["seconds_this_invocation"])
+    assert again["invocations"] == 2
+    assert again["seconds_all_invocations"] == pytest.approx(
+        report["seconds_all_invocations"] + again["seconds_this_invocation"], rel=1e-6)
+    assert "of the 2 invocations recorded in state.json" in (run / "compare.md").read_text()
     with pytest.raises(PruneError, match="different settings"):
         run_compare(_args(tmp_path, model_dir, train, held, resume=True, recovery_tokens=128))
 
