@@ -41,8 +41,8 @@ from e3pruner.train import (
 @dataclass
 class PruneArgs(RunArgs):
     recovery_batch_size: int | None = 2  # more, smaller steps recover more per token
-    search_tokens: int = 65_536
-    recovery_tokens: int = 122_880
+    search_tokens: int = 32_768
+    recovery_tokens: int = 139_264
     out: str = "runs/e3-smollm2"
     grad_accum: int = 1
     search_lr: float = 0.1
