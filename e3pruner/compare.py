@@ -172,8 +172,7 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
     run = Path(args.out)
     prior_wall = float(state.get("wall_seconds") or 0.0)
     invocations = int(state.get("invocations") or 0) + 1
-    state.set("invocations", invocations)
-    state.set("finished", False)
+    state.update({"invocations": invocations, "finished": False})
     seed_everything(args.seed)
     tasks = resolve_tasks(args.tasks)
     do_zeroshot = args.zeroshot_limit != 0
@@ -230,8 +229,7 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
             def save(res=res, name=name, results=results, seed=seed):
                 results[name] = res
                 runs[str(seed)] = results
-                state.data["wall_seconds"] = prior_wall + time.time() - t0
-                state.set("runs", runs)
+                state.update({"runs": runs, "wall_seconds": prior_wall + time.time() - t0})
 
             _compare_method(name, res, save, args_s, model, data_s, tok, n_layers, n_prune,
                             ppl, zeroshot, zs_settings, log, scorer,
@@ -242,9 +240,8 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
 
     per_seed = {str(s): {m: runs[str(s)][m] for m in methods} for s in seeds}
     seconds = time.time() - t0
-    state.set("wall_seconds", prior_wall + seconds)
     report = build_report(args, teacher, per_seed, n_layers, n_prune, tasks, specs, seconds,
-                          wall=(prior_wall + seconds, invocations))
+                          prior_wall + seconds, invocations)
     report["plot"] = str(plot_removed_layers(
         {m: report["methods"][m]["removed_layers_per_seed"] for m in methods
          if report["methods"][m]["removed_layers"] is not None},
@@ -254,7 +251,7 @@ def _run_compare(args: CompareArgs, state: RunState, methods: list[str], n_layer
     write_json(run / "compare.json", report)
     table = format_markdown(report)
     atomic_write_text(run / "compare.md", table)
-    state.set("finished", True)
+    state.update({"finished": True, "wall_seconds": report["seconds_all_invocations"]})
     log(table)
     return report
 
@@ -441,7 +438,7 @@ def _paired_vs(rows: list[dict], ref: list[dict], specs: list[str], tasks: list[
 
 def build_report(args: CompareArgs, teacher: dict, per_seed: dict[str, dict], n_layers: int,
                  n_prune: int, tasks: list[str], specs: list[str], seconds: float,
-                 wall: tuple[float, int] | None = None) -> dict:
+                 total_seconds: float, invocations: int) -> dict:
     """compare.json: per method the seed means (and stds) of every column, the per-seed
     rows (without per-item lists), and the paired comparison with E3."""
     from e3pruner.eval.stats import mean_std
@@ -524,8 +521,8 @@ def build_report(args: CompareArgs, teacher: dict, per_seed: dict[str, dict], n_
             "recovery_tokens": args.recovery_tokens, "search_tokens": args.search_tokens,
             "teacher": teacher_out, "methods": methods, "reference": ref,
             "seconds_this_invocation": seconds,
-            "seconds_all_invocations": seconds if wall is None else wall[0],
-            "invocations": 1 if wall is None else wall[1], "command": command_line(args),
+            "seconds_all_invocations": total_seconds, "invocations": invocations,
+            "command": command_line(args),
             "args": asdict(args)}
 
 
@@ -658,9 +655,9 @@ def format_markdown(r: dict) -> str:
                      f"{'all items' if limit is None else f'the first {limit} items per task'}"
                      f" ({ns}): acc_norm for ARC, HellaSwag, PIQA, OBQA; acc for BoolQ, "
                      "WinoGrande (lm-eval's stock metrics).")
-    total, n_inv = r.get("seconds_all_invocations"), r.get("invocations", 1)
     wall = f"Wall time of this invocation: {r['seconds_this_invocation']:.0f} s"
-    if total is not None and n_inv > 1:
-        wall += f"; of the {n_inv} invocations recorded in state.json: {total:.0f} s"
+    if r["invocations"] > 1:
+        wall += (f"; of the {r['invocations']} invocations recorded in state.json: "
+                 f"{r['seconds_all_invocations']:.0f} s")
     notes.append(f"{wall}. Reproduce: `{r['command']}`")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

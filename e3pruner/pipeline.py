@@ -353,7 +353,11 @@ class RunState:
         return self.data.get(key)
 
     def set(self, key, value) -> None:
-        self.data[key] = value
+        self.update({key: value})
+
+    def update(self, values: dict) -> None:
+        """Set several keys with one write of the state file."""
+        self.data.update(values)
         if self.write:
             write_json(self.path, self.data)
 
@@ -488,8 +492,7 @@ def _run_prune(args: PruneArgs, state: RunState, n_layers: int, n_prune: int, lo
         log(f"the run in {run} has finished already (report: {run / 'report.json'}); "
             "pass --overwrite to run it again")
         return report if dist.is_main else {}
-    state.set("processes", dist.world_size)
-    state.set("finished", False)
+    state.update({"processes": dist.world_size, "finished": False})
     if dist.is_main:
         (run / "report.json").unlink(missing_ok=True)  # written again at the very end
     seed_everything(args.seed)
